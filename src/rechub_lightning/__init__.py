@@ -1,0 +1,18 @@
+"""rechub-lightning: Torch-RecHub's recommender models and trainers on PyTorch Lightning."""
+
+from .features import DenseFeature, FeatureSchema, SequenceFeature, SparseFeature
+from .modules import CTRModule, RecModule
+from .trainers import CTRTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SparseFeature",
+    "DenseFeature",
+    "SequenceFeature",
+    "FeatureSchema",
+    "RecModule",
+    "CTRModule",
+    "CTRTrainer",
+    "__version__",
+]

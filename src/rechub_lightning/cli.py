@@ -1,0 +1,83 @@
+"""The ``rechub`` command: LightningCLI over our modules and datamodules.
+
+``rechub fit|validate|test|predict --config configs/<family>/<model>.yaml``. The config
+names the LightningModule (``CTRModule``, ...), its network and the datamodule; the
+datamodule's feature schema is linked into the network's ``schema`` argument, so
+configs never repeat vocabulary sizes. For ``validate``/``test``/``predict`` with
+``--ckpt_path``, the datamodule reuses the preprocessing fitted at training time.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from .modules.base import RecModule
+
+__all__ = ["RecHubCLI", "main"]
+
+log = logging.getLogger("rechub_lightning")
+
+
+class RecHubCLI(LightningCLI):
+    """LightningCLI with the schema link and checkpoint-aware preprocessing."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("data.schema", "model.init_args.model.init_args.schema", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        sub = self.config.get("subcommand")
+        cfg = self.config.get(sub) if sub else self.config
+        ckpt = cfg.get("ckpt_path") if cfg is not None else None
+        if ckpt and ckpt not in ("best", "last", "hpc", "registry") and cfg.get("data") is not None:
+            data = cfg["data"]
+            init_args = data.get("init_args") if hasattr(data, "get") else None
+            if init_args is not None and "preprocessing_from" in init_args and not init_args.get("preprocessing_from"):
+                init_args["preprocessing_from"] = ckpt
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        cb = trainer.checkpoint_callback
+        module = self.model
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if trainer.is_global_zero:
+            best = getattr(cb, "best_model_path", "") or ""
+            score = getattr(cb, "best_model_score", None)
+            monitor = getattr(cb, "monitor", None) or getattr(module, "monitor", "val")
+            lines = ["", "Training finished."]
+            if score is not None:
+                lines.append(f"  best {monitor}: {float(score):.4f}")
+            if metrics:
+                lines.append("  last validation: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+            lines.append(f"  best checkpoint: {best or '(none: no ModelCheckpoint with a monitor)'}")
+            log.info("\n".join(lines))
+
+
+def _configure_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def main(args: list[str] | None = None) -> Any:
+    """Entry point of the ``rechub`` console script."""
+    _configure_logging()
+    return RecHubCLI(
+        RecModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,303 @@
+"""Shared machinery of the tabular datamodules (CTR and multi-task).
+
+Sources -> raw frame -> split (by ratio or separate files) -> preprocessing fitted on
+the training split in ``__init__`` (so the schema exists before ``setup`` and
+LightningCLI can link it into the model) -> encoded column tensors, validated in
+``setup`` -> batched loaders (DESIGN decision 4).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..features import FeatureSchema, SequenceFeature, SparseFeature
+from .datasets import TensorDictDataset, make_dataloader
+from .preprocessing import Preprocessor
+
+__all__ = ["TabularDataModule", "read_table", "as_frame", "load_preprocessing_state", "validate_batch_tensors"]
+
+
+def read_table(path: str, **kwargs: Any) -> pd.DataFrame:
+    """Read a CSV/TSV (optionally compressed) or Parquet file into a frame."""
+    p = str(path)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"data file {p!r} does not exist")
+    lower = p.lower()
+    if lower.endswith((".parquet", ".pq")) or os.path.isdir(p):
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("reading Parquet needs pyarrow: pip install 'rechub-lightning[parquet]'") from e
+        return pd.read_parquet(p, **kwargs)
+    sep = "\t" if lower.endswith((".tsv", ".tsv.gz", ".txt")) else ","
+    return pd.read_csv(p, sep=kwargs.pop("sep", sep), **kwargs)
+
+
+def as_frame(data: Any, what: str = "data") -> pd.DataFrame:
+    """A DataFrame from a frame, a dict of arrays (2-D arrays become list columns) or a path."""
+    if isinstance(data, pd.DataFrame):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        return read_table(str(data))
+    if isinstance(data, Mapping):
+        cols = {}
+        for k, v in data.items():
+            arr = v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+            cols[k] = list(arr) if arr.ndim > 1 else arr
+        return pd.DataFrame(cols)
+    raise TypeError(f"{what} must be a path, a pandas DataFrame or a dict of arrays, got {type(data).__name__}")
+
+
+def load_preprocessing_state(ckpt_path: str) -> dict[str, Any]:
+    """The datamodule state (fitted preprocessing) stored in a Lightning checkpoint."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    for value in ckpt.values():
+        if isinstance(value, dict) and "preprocessor" in value:
+            return value
+    raise ValueError(f"checkpoint {ckpt_path!r} holds no datamodule preprocessing state")
+
+
+def validate_batch_tensors(x: Mapping[str, torch.Tensor], schema: FeatureSchema, where: str) -> None:
+    """Raise a clear error for ids outside ``[0, vocab_size)``, missing columns or NaN/inf dense values."""
+    for f in schema.features:
+        if f.name not in x:
+            raise KeyError(f"feature {f.name!r} is missing from the {where} data (have {sorted(x)})")
+        t = x[f.name]
+        if isinstance(f, SparseFeature):
+            if t.is_floating_point():
+                raise TypeError(f"feature {f.name!r} in {where} data must hold integer ids, got dtype {t.dtype}")
+            if t.numel():
+                lo, hi = int(t.min()), int(t.max())
+                if lo < 0 or hi >= f.vocab_size:
+                    bad = lo if lo < 0 else hi
+                    kind = "sequence" if isinstance(f, SequenceFeature) else "sparse"
+                    raise ValueError(
+                        f"{kind} feature {f.name!r} in {where} data has id {bad} outside [0, {f.vocab_size}) "
+                        f"(vocab_size={f.vocab_size})"
+                    )
+        else:
+            if not torch.isfinite(t).all():
+                n = int((~torch.isfinite(t)).sum())
+                raise ValueError(f"dense feature {f.name!r} in {where} data has {n} NaN/inf value(s)")
+
+
+class TabularDataModule(L.LightningDataModule):
+    """Base of :class:`CTRDataModule` and :class:`MTLDataModule`; see those for the arguments."""
+
+    #: ``classification`` or ``regression`` per label, set by subclasses
+    task_types: list[str]
+
+    def __init__(
+        self,
+        path: str | None = None,
+        data: Any = None,
+        labels: Sequence[str] = ("label",),
+        val_path: str | None = None,
+        test_path: str | None = None,
+        predict_path: str | None = None,
+        sparse_features: Sequence[str] | None = None,
+        dense_features: Sequence[str] | None = None,
+        sequence_features: Mapping[str, str | None] | Sequence[str] | None = None,
+        ignore_columns: Sequence[str] = (),
+        embed_dim: int | None = 16,
+        min_freq: int = 1,
+        dense_scaling: str = "standard",
+        preprocess: bool = True,
+        max_len: int = 50,
+        split_ratio: Sequence[float] = (0.8, 0.1),
+        batch_size: int = 2048,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 2022,
+        preprocessing_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(split_ratio) != 2 or min(split_ratio) < 0 or sum(split_ratio) > 1:
+            raise ValueError(f"split_ratio={tuple(split_ratio)} must be (train, val) fractions summing to <= 1")
+        self.labels = list(labels)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.embed_dim = embed_dim
+        self._split_ratio = tuple(split_ratio)
+        self._predict_path = predict_path
+        self._datasets: dict[str, TensorDictDataset] = {}
+
+        restored = load_preprocessing_state(preprocessing_from) if preprocessing_from else None
+        frames = self._load_frames(path, data, val_path, test_path)
+        self._frames = frames
+        self._whole_file_for_predict = restored is not None and (path is not None or data is not None)
+
+        if restored is not None:
+            self.preprocessor = Preprocessor.from_state_dict(restored["preprocessor"])
+            rank_zero_info(f"Preprocessing restored from {preprocessing_from}")
+        else:
+            train = frames["train"]
+            if train is None or len(train) == 0:
+                raise ValueError("the training split is empty; give more rows or a larger split_ratio[0]")
+            sparse, dense, seq = self._infer_columns(train, sparse_features, dense_features, sequence_features, ignore_columns)
+            self.preprocessor = Preprocessor(
+                sparse, dense, seq, min_freq=min_freq, dense_scaling=dense_scaling, encode=preprocess, max_len=max_len
+            ).fit(train)
+            for name in ("val", "test", "all"):
+                if frames.get(name) is not None:
+                    self.preprocessor.check_dtypes(frames[name], f"{name} data")
+        self.schema: FeatureSchema = self.preprocessor.schema(self.labels, embed_dim)
+
+    # ------------------------------------------------------------------ sources
+    def default_frame(self) -> pd.DataFrame:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _load_frames(self, path: str | None, data: Any, val_path: str | None, test_path: str | None) -> dict[str, pd.DataFrame | None]:
+        if path is not None and data is not None:
+            raise ValueError("give either path or data, not both")
+        whole = as_frame(data) if data is not None else read_table(path) if path is not None else self.default_frame()
+        if val_path is not None or test_path is not None:
+            return {
+                "train": whole,
+                "val": read_table(val_path) if val_path else None,
+                "test": read_table(test_path) if test_path else None,
+                "all": whole,
+            }
+        n = len(whole)
+        perm = np.random.default_rng(self.seed).permutation(n)
+        n_train = int(n * self._split_ratio[0])
+        n_val = int(n * self._split_ratio[1])
+        take = lambda idx: whole.iloc[np.sort(idx)].reset_index(drop=True)  # noqa: E731
+        return {
+            "train": take(perm[:n_train]),
+            "val": take(perm[n_train : n_train + n_val]) if n_val else None,
+            "test": take(perm[n_train + n_val :]) if n - n_train - n_val else None,
+            "all": whole,
+        }
+
+    def _infer_columns(
+        self,
+        df: pd.DataFrame,
+        sparse: Sequence[str] | None,
+        dense: Sequence[str] | None,
+        sequence: Mapping[str, str | None] | Sequence[str] | None,
+        ignore: Sequence[str],
+    ) -> tuple[list[str], list[str], Any]:
+        missing_labels = [c for c in self.labels if c not in df.columns]
+        if missing_labels:
+            raise KeyError(f"label column(s) {missing_labels} not found; available columns: {list(df.columns)}")
+        seq = sequence or {}
+        taken = set(self.labels) | set(ignore) | set(seq)
+        if sparse is None and dense is None:
+            rest = [c for c in df.columns if c not in taken]
+            is_num = lambda c: pd.api.types.is_numeric_dtype(df[c].dtype) and not pd.api.types.is_bool_dtype(df[c].dtype)  # noqa: E731
+            dense = [c for c in rest if is_num(c)]
+            sparse = [c for c in rest if not is_num(c)]
+            rank_zero_info(f"Inferred {len(dense)} dense feature(s) {dense} and {len(sparse)} sparse feature(s) {sparse}")
+        return list(sparse or []), list(dense or []), seq
+
+    # ------------------------------------------------------------------ encoding
+    def _encode(self, split: str) -> TensorDictDataset | None:
+        if split in self._datasets:
+            return self._datasets[split]
+        if split == "predict":
+            if self._predict_path is not None:
+                frame = read_table(self._predict_path)
+            elif self._whole_file_for_predict:
+                frame = self._frames["all"]
+            else:
+                frame = self._frames["test"]
+        else:
+            frame = self._frames[split]
+        if frame is None or len(frame) == 0:
+            return None
+        x = self.preprocessor.transform(frame)
+        has_labels = all(c in frame.columns for c in self.labels)
+        y = self._labels(frame, split) if has_labels else None
+        if y is None and split != "predict":
+            raise KeyError(f"label column(s) {self.labels} not found in the {split} data")
+        ds = TensorDictDataset(x, y)
+        validate_batch_tensors(ds.x, self.schema, split)
+        self._datasets[split] = ds
+        return ds
+
+    def _labels(self, frame: pd.DataFrame, split: str) -> np.ndarray:
+        ys = []
+        for col, task in zip(self.labels, self.task_types):
+            s = pd.to_numeric(frame[col], errors="coerce")
+            bad = s.isna() & frame[col].notna()
+            if bad.any():
+                raise TypeError(f"label {col!r} in {split} data has non-numeric value {frame[col][bad].iloc[0]!r}")
+            v = s.to_numpy(dtype=np.float64, na_value=np.nan)
+            if not np.isfinite(v).all():
+                raise ValueError(f"label {col!r} in {split} data has {int((~np.isfinite(v)).sum())} NaN/inf value(s)")
+            if task == "classification":
+                bad_vals = np.setdiff1d(np.unique(v), [0.0, 1.0])
+                if bad_vals.size:
+                    raise ValueError(
+                        f"classification label {col!r} in {split} data must be 0 or 1, found {bad_vals[:5].tolist()}"
+                    )
+            ys.append(v.astype(np.float32))
+        return ys[0] if len(ys) == 1 else np.stack(ys, axis=1)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            if self._encode("train") is None:
+                raise ValueError("the training split is empty")
+            if self._encode("val") is None:
+                raise ValueError("the validation split is empty; set split_ratio[1] > 0 or give val_path")
+        if stage == "validate" and self._encode("val") is None:
+            raise ValueError("the validation split is empty")
+        if stage == "test" and self._encode("test") is None:
+            raise ValueError("the test split is empty")
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, split: str, train: bool = False):
+        ds = self._encode(split)
+        if ds is None:
+            return []
+        if train:
+            return make_dataloader(ds, self.batch_size, shuffle=True, seed=self.seed, num_workers=self.num_workers, train=True)
+        return make_dataloader(ds, self.eval_batch_size, train=False, num_workers=self.num_workers)
+
+    def train_dataloader(self):
+        return self._loader("train", train=True)
+
+    def val_dataloader(self):
+        return self._loader("val")
+
+    def test_dataloader(self):
+        return self._loader("test")
+
+    def predict_dataloader(self):
+        return self._loader("predict")
+
+    def dataset(self, split: str) -> TensorDictDataset | None:
+        """The encoded dataset of a split (``train``, ``val``, ``test``, ``predict``)."""
+        return self._encode(split)
+
+    def raw_frame(self, split: str) -> pd.DataFrame | None:
+        """The raw (unencoded) rows of a split, in the order the loaders read them."""
+        if split == "predict":
+            if self._predict_path is not None:
+                return read_table(self._predict_path)
+            return self._frames["all"] if self._whole_file_for_predict else self._frames["test"]
+        return self._frames[split]
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        return {"preprocessor": self.preprocessor.state_dict(), "schema": self.schema.to_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pre = Preprocessor.from_state_dict(state_dict["preprocessor"])
+        if pre.state_dict() != self.preprocessor.state_dict():
+            self.preprocessor = pre
+            self.schema = pre.schema(self.labels, self.embed_dim)
+            self._datasets.clear()

@@ -1,0 +1,100 @@
+"""CTR (ranking) datamodule."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+
+from .base import TabularDataModule
+from .synthetic import make_criteo_like
+
+__all__ = ["CTRDataModule"]
+
+
+class CTRDataModule(TabularDataModule):
+    """Click-through-rate data: one binary label, sparse/dense/sequence features.
+
+    With no ``path`` and no ``data`` it uses the embedded Criteo-shaped synthetic data set
+    (:func:`~rechub_lightning.data.synthetic.make_criteo_like`), so it works offline.
+
+    Args:
+        path: CSV/TSV/Parquet file with features and the label.
+        data: a pandas DataFrame or a dict of arrays (instead of ``path``).
+        label: label column (values 0/1).
+        val_path: separate validation file (then ``path`` is all training data).
+        test_path: separate test file.
+        predict_path: rows to predict (may lack the label). Without it, ``predict`` reads the
+            test split, or every row of ``path`` when the preprocessing was restored from a
+            checkpoint (``rechub predict --ckpt_path ... --data.path new.csv``).
+        sparse_features: categorical columns. With neither ``sparse_features`` nor
+            ``dense_features`` given, numeric columns are dense and the others sparse.
+        dense_features: numeric columns.
+        sequence_features: list-valued columns (``{column: shared_with}`` or a list).
+        ignore_columns: columns to leave out of inference (ids, timestamps...).
+        embed_dim: embedding width of every categorical feature (``None``: automatic).
+        min_freq: categories seen fewer times in training map to the unknown id 0.
+        dense_scaling: ``standard``, ``minmax``, ``log`` (signed log1p then standard) or ``none``.
+        preprocess: encode categories (``False``: columns already hold ids).
+        max_len: padded length of sequence features.
+        split_ratio: ``(train, val)`` fractions of ``path``/``data``; the rest is test.
+        batch_size: training batch size.
+        eval_batch_size: validation/test/predict batch size (default: ``batch_size``).
+        num_workers: DataLoader workers (0 is fastest for in-memory tensors).
+        seed: split and shuffling seed.
+        synthetic_rows: rows of the default synthetic data set.
+        synthetic_max_vocab: largest field's vocabulary in the default data set.
+        preprocessing_from: a checkpoint whose fitted preprocessing to reuse instead of fitting.
+
+    Example:
+        >>> dm = CTRDataModule(synthetic_rows=2000, batch_size=256)
+        >>> len(dm.schema.sparse), len(dm.schema.dense)
+        (26, 13)
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        data: Any = None,
+        label: str = "label",
+        val_path: str | None = None,
+        test_path: str | None = None,
+        predict_path: str | None = None,
+        sparse_features: Sequence[str] | None = None,
+        dense_features: Sequence[str] | None = None,
+        sequence_features: Mapping[str, str | None] | Sequence[str] | None = None,
+        ignore_columns: Sequence[str] = (),
+        embed_dim: int | None = 16,
+        min_freq: int = 1,
+        dense_scaling: str = "standard",
+        preprocess: bool = True,
+        max_len: int = 50,
+        split_ratio: Sequence[float] = (0.8, 0.1),
+        batch_size: int = 2048,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 2022,
+        synthetic_rows: int = 100_000,
+        synthetic_max_vocab: int = 10_000,
+        preprocessing_from: str | None = None,
+    ) -> None:
+        self.task_types = ["classification"]
+        self._synthetic = (synthetic_rows, synthetic_max_vocab)
+        if path is None and data is None and sparse_features is None and dense_features is None:
+            sparse_features = [f"C{i}" for i in range(1, 27)]
+            dense_features = [f"I{i}" for i in range(1, 14)]
+            if dense_scaling == "standard":
+                dense_scaling = "log"  # counts are heavy-tailed
+        self.save_hyperparameters(ignore=["data"])
+        super().__init__(
+            path=path, data=data, labels=[label], val_path=val_path, test_path=test_path, predict_path=predict_path,
+            sparse_features=sparse_features, dense_features=dense_features, sequence_features=sequence_features,
+            ignore_columns=ignore_columns, embed_dim=embed_dim, min_freq=min_freq, dense_scaling=dense_scaling,
+            preprocess=preprocess, max_len=max_len, split_ratio=split_ratio, batch_size=batch_size,
+            eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed, preprocessing_from=preprocessing_from,
+        )
+
+    def default_frame(self) -> pd.DataFrame:
+        rows, vocab = self._synthetic
+        return make_criteo_like(n_rows=rows, max_vocab=vocab, seed=self.seed)

@@ -1,0 +1,243 @@
+"""The batched tensor data path (DESIGN decision 4).
+
+Data lives as column tensors. A sampler yields whole batches of row indices and the
+dataset gathers a batch with one ``index_select`` per column, so a DataLoader with
+``batch_size=None`` never touches single rows or a collate function.
+
+Both samplers subclass :class:`torch.utils.data.DistributedSampler`, so Lightning
+leaves them alone under DDP; they read the world size and rank from
+``torch.distributed`` when iterated, which also makes loaders built before the
+process group exists (e.g. by :class:`DataGenerator`) shard correctly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+__all__ = [
+    "TensorDictDataset",
+    "ShuffledBatchSampler",
+    "UnrepeatedBatchSampler",
+    "make_dataloader",
+    "to_tensor",
+]
+
+
+def to_tensor(values: Any, name: str = "?") -> torch.Tensor:
+    """Column -> tensor: integers become int64, floats float32, 2-D arrays keep their width."""
+    if isinstance(values, torch.Tensor):
+        t = values
+    else:
+        arr = np.asarray(values)
+        if arr.dtype == object:
+            try:
+                arr = np.stack([np.asarray(v) for v in arr]) if arr.ndim == 1 and len(arr) and hasattr(arr[0], "__len__") else arr.astype(np.float64)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"column {name!r} holds non-numeric values (e.g. {arr.flat[0]!r}); encode it first") from e
+        if arr.dtype.kind in "US":
+            raise TypeError(f"column {name!r} holds strings (e.g. {arr.flat[0]!r}); encode it as ids first")
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    if t.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8, torch.int64):
+        return t.long()
+    if t.dtype == torch.bool:
+        return t.float()
+    return t.float()
+
+
+class TensorDictDataset(Dataset):
+    """Columns as tensors; ``ds[list_of_indices]`` returns a whole batch.
+
+    Args:
+        x: feature name -> array/tensor with the same first dimension.
+        y: labels ``(N,)`` or ``(N, n_tasks)``, or ``None`` for prediction data.
+
+    ``ds[i]`` with an int returns one row, so a plain ``DataLoader(ds, batch_size=...)``
+    also works (slowly); use :func:`make_dataloader` for the fast path.
+    """
+
+    def __init__(self, x: Mapping[str, Any], y: Any = None) -> None:
+        self.x = {k: to_tensor(v, k) for k, v in x.items()}
+        self.y = None if y is None else to_tensor(y, "label").float()
+        lengths = {k: len(v) for k, v in self.x.items()}
+        if self.y is not None:
+            lengths["<label>"] = len(self.y)
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"columns have different lengths: {lengths}")
+        self._len = next(iter(lengths.values())) if lengths else 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, (int, np.integer)):
+            xs = {k: v[index] for k, v in self.x.items()}
+            return xs if self.y is None else (xs, self.y[index])
+        idx = index if isinstance(index, torch.Tensor) else torch.as_tensor(index, dtype=torch.long)
+        xs = {k: v.index_select(0, idx) for k, v in self.x.items()}
+        return xs if self.y is None else (xs, self.y.index_select(0, idx))
+
+    def subset(self, indices: Any) -> TensorDictDataset:
+        """A new dataset holding only ``indices`` (copies the selected rows)."""
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        out = TensorDictDataset.__new__(TensorDictDataset)
+        out.x = {k: v.index_select(0, idx) for k, v in self.x.items()}
+        out.y = None if self.y is None else self.y.index_select(0, idx)
+        out._len = len(idx)
+        return out
+
+
+def _world(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
+    if num_replicas is not None:
+        return num_replicas, rank or 0
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class _BatchSamplerBase(DistributedSampler):
+    """Yields lists of row indices; shards by rank when iterated."""
+
+    def __init__(self, n: int, batch_size: int, num_replicas: int | None = None, rank: int | None = None) -> None:
+        # DistributedSampler.__init__ would require an initialised process group; we resolve it lazily.
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.n = int(n)
+        self.batch_size = int(batch_size)
+        self._num_replicas = num_replicas
+        self._rank = rank
+        self.epoch = 0
+        self.dataset = None
+
+    @property
+    def num_replicas(self) -> int:  # type: ignore[override]
+        return _world(self._num_replicas, self._rank)[0]
+
+    @num_replicas.setter
+    def num_replicas(self, v: int) -> None:
+        self._num_replicas = v
+
+    @property
+    def rank(self) -> int:  # type: ignore[override]
+        return _world(self._num_replicas, self._rank)[1]
+
+    @rank.setter
+    def rank(self, v: int) -> None:
+        self._rank = v
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+
+class ShuffledBatchSampler(_BatchSamplerBase):
+    """Training batches: a seeded permutation per epoch cut into batches, dealt round-robin to ranks.
+
+    Every rank draws the same permutation (seed + epoch), so ranks get disjoint batches,
+    reshuffled each epoch and reproducible from the seed. When the number of batches does
+    not divide by the world size, the first batches are repeated so every rank runs the
+    same number of steps (DDP requires it).
+
+    Args:
+        n: number of rows.
+        batch_size: rows per batch.
+        shuffle: permute rows each epoch (``False``: in order).
+        drop_last: drop the final incomplete batch.
+        seed: base seed of the permutation.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        super().__init__(n, batch_size, num_replicas, rank)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = int(seed)
+
+    def _num_batches(self) -> int:
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
+    def __len__(self) -> int:
+        return math.ceil(self._num_batches() / self.num_replicas)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        world, rank = _world(self._num_replicas, self._rank)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        nb = self._num_batches()
+        per_rank = math.ceil(nb / world)
+        for i in range(per_rank):
+            b = (i * world + rank) % nb if nb else 0
+            if nb == 0:
+                return
+            yield order[b * self.batch_size : min((b + 1) * self.batch_size, self.n)]
+
+
+class UnrepeatedBatchSampler(_BatchSamplerBase):
+    """Evaluation batches: rank ``r`` reads a contiguous slice of rows, never padded or repeated.
+
+    Slices differ in length by at most one row, so distributed metrics equal single-process
+    ones exactly and gathered predictions come back in input order when concatenated by rank.
+    """
+
+    def _bounds(self) -> tuple[int, int]:
+        world, rank = _world(self._num_replicas, self._rank)
+        base, extra = divmod(self.n, world)
+        start = rank * base + min(rank, extra)
+        return start, start + base + (1 if rank < extra else 0)
+
+    def __len__(self) -> int:
+        start, end = self._bounds()
+        return math.ceil((end - start) / self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        start, end = self._bounds()
+        for s in range(start, end, self.batch_size):
+            yield torch.arange(s, min(s + self.batch_size, end))
+
+
+def make_dataloader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    drop_last: bool = False,
+    seed: int = 0,
+    num_workers: int = 0,
+    train: bool | None = None,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader over a :class:`TensorDictDataset` that yields whole gathered batches.
+
+    ``train`` (default: ``shuffle``) picks the sampler: training batches are dealt to ranks
+    with :class:`ShuffledBatchSampler`, evaluation uses :class:`UnrepeatedBatchSampler`.
+    """
+    train = shuffle if train is None else train
+    n = len(dataset)  # type: ignore[arg-type]
+    sampler: _BatchSamplerBase
+    if train:
+        sampler = ShuffledBatchSampler(n, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
+    else:
+        sampler = UnrepeatedBatchSampler(n, batch_size)
+    return DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )

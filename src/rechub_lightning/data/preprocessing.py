@@ -1,0 +1,341 @@
+"""Fitted preprocessing: categories -> ids, dense NaN filling and scaling.
+
+Fitted on the training split only, stored as plain Python (``state_dict``) so it
+travels inside Lightning checkpoints and ``predict`` on raw rows encodes exactly as
+training did. Id 0 is reserved for padding and unknown values; a value missing in
+the data (NaN, empty string) gets its own id when the training data had any.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..features import DenseFeature, FeatureSchema, SequenceFeature, SparseFeature
+
+__all__ = ["CategoryEncoder", "DenseScaler", "Preprocessor", "DENSE_SCALINGS"]
+
+DENSE_SCALINGS = ("standard", "minmax", "log", "none")
+
+
+def _is_numeric(s: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(s.dtype) and not pd.api.types.is_bool_dtype(s.dtype)
+
+
+def _missing_mask(s: pd.Series) -> np.ndarray:
+    miss = s.isna().to_numpy()
+    if not _is_numeric(s):
+        as_str = s.astype("string")
+        miss = miss | (as_str.str.strip() == "").fillna(True).to_numpy(dtype=bool)
+    return miss
+
+
+def _canonical(s: pd.Series, numeric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Keys of a column and its missing mask. Numeric keys are float64, others strings."""
+    miss = _missing_mask(s)
+    if numeric:
+        if _is_numeric(s):
+            keys = s.to_numpy(dtype=np.float64, na_value=np.nan)
+        else:  # the training column was numeric: unparsable values become NaN keys (unknown)
+            keys = pd.to_numeric(s.where(~miss), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        return keys, miss
+    if _is_numeric(s):
+        # Training saw strings: render integral floats without ".0" so 3 and 3.0 and "3" agree.
+        v = s.to_numpy(dtype=np.float64, na_value=np.nan)
+        out = np.where(np.isfinite(v) & (v == np.round(v)), pd.Series(v).map(lambda z: "%d" % z if np.isfinite(z) else "").to_numpy(), v.astype(str))
+        return out.astype(object), miss
+    return s.astype("string").fillna("").to_numpy(dtype=object), miss
+
+
+class CategoryEncoder:
+    """Maps the values of one column to ids ``1..n`` by decreasing frequency; 0 = unknown/padding.
+
+    Args:
+        min_freq: values seen fewer times in the training data map to 0 (unknown).
+    """
+
+    def __init__(self, min_freq: int = 1) -> None:
+        if min_freq < 1:
+            raise ValueError(f"min_freq must be >= 1, got {min_freq}")
+        self.min_freq = int(min_freq)
+        self.categories: list[Any] = []
+        self.numeric = False
+        self.missing_id: int | None = None
+        self._index: pd.Index | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        """Embedding rows needed: categories + missing token + the reserved 0."""
+        return len(self.categories) + 1 + (1 if self.missing_id is not None else 0)
+
+    def fit(self, values: pd.Series | Iterable[Any]) -> CategoryEncoder:
+        s = values if isinstance(values, pd.Series) else pd.Series(list(values))
+        self.numeric = _is_numeric(s)
+        keys, miss = _canonical(s, self.numeric)
+        present = pd.Series(keys[~miss])
+        counts = present.value_counts(sort=False)
+        counts = counts[counts >= self.min_freq]
+        order = sorted(zip(-counts.to_numpy(), counts.index.tolist()), key=lambda t: (t[0], t[1]))
+        self.categories = [k.item() if hasattr(k, "item") else k for _, k in order]
+        self.missing_id = len(self.categories) + 1 if miss.any() else None
+        self._index = None
+        return self
+
+    def _idx(self) -> pd.Index:
+        if self._index is None:
+            self._index = pd.Index(np.asarray(self.categories, dtype=np.float64 if self.numeric else object))
+        return self._index
+
+    def transform(self, values: pd.Series | Iterable[Any]) -> np.ndarray:
+        s = values if isinstance(values, pd.Series) else pd.Series(list(values))
+        keys, miss = _canonical(s, self.numeric)
+        ids = self._idx().get_indexer(keys).astype(np.int64) + 1  # -1 (unknown) -> 0
+        if self.missing_id is not None:
+            ids[miss] = self.missing_id
+        else:
+            ids[miss] = 0
+        return ids
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"min_freq": self.min_freq, "categories": list(self.categories), "numeric": self.numeric, "missing_id": self.missing_id}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> CategoryEncoder:
+        self.min_freq = int(state["min_freq"])
+        self.categories = list(state["categories"])
+        self.numeric = bool(state["numeric"])
+        self.missing_id = state["missing_id"]
+        self._index = None
+        return self
+
+
+class DenseScaler:
+    """NaN filling and scaling of one numeric column, fitted on training data.
+
+    ``standard``: ``(x - mean) / std``; ``minmax``: to ``[0, 1]`` on the training range;
+    ``log``: ``sign(x) log(1 + |x|)`` then standard; ``none``: unchanged. NaN becomes the
+    training mean (i.e. 0 after standard scaling). Infinite values are an error.
+    """
+
+    def __init__(self, scaling: str = "standard") -> None:
+        if scaling not in DENSE_SCALINGS:
+            raise ValueError(f"dense_scaling={scaling!r} is not one of {DENSE_SCALINGS}")
+        self.scaling = scaling
+        self.stats: dict[str, float] = {}
+
+    def _pre(self, v: np.ndarray) -> np.ndarray:
+        return np.sign(v) * np.log1p(np.abs(v)) if self.scaling == "log" else v
+
+    def fit(self, v: np.ndarray) -> DenseScaler:
+        v = self._pre(np.asarray(v, dtype=np.float64))
+        finite = v[np.isfinite(v)]
+        mean = float(finite.mean()) if finite.size else 0.0
+        std = float(finite.std()) if finite.size else 1.0
+        lo = float(finite.min()) if finite.size else 0.0
+        hi = float(finite.max()) if finite.size else 1.0
+        self.stats = {"mean": mean, "std": std if std > 0 else 1.0, "min": lo, "max": hi if hi > lo else lo + 1.0}
+        return self
+
+    def transform(self, v: np.ndarray) -> np.ndarray:
+        v = self._pre(np.asarray(v, dtype=np.float64))
+        v = np.where(np.isnan(v), self.stats["mean"], v)
+        if self.scaling in ("standard", "log"):
+            v = (v - self.stats["mean"]) / self.stats["std"]
+        elif self.scaling == "minmax":
+            v = (v - self.stats["min"]) / (self.stats["max"] - self.stats["min"])
+        return v.astype(np.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaling": self.scaling, "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> DenseScaler:
+        self.scaling = state["scaling"]
+        self.stats = dict(state["stats"])
+        return self
+
+
+def _as_numeric_column(df: pd.DataFrame, col: str) -> np.ndarray:
+    s = df[col]
+    if not (_is_numeric(s) or pd.api.types.is_bool_dtype(s.dtype)):
+        conv = pd.to_numeric(s.replace("", np.nan) if s.dtype == object else s, errors="coerce")
+        bad = conv.isna() & s.notna() & (s.astype("string").str.strip() != "")
+        if bad.any():
+            example = s[bad].iloc[0]
+            raise TypeError(
+                f"dense feature {col!r} must be numeric, found non-numeric value {example!r} "
+                f"in {int(bad.sum())} row(s)"
+            )
+        s = conv
+    v = s.to_numpy(dtype=np.float64, na_value=np.nan)
+    if np.isinf(v).any():
+        raise ValueError(f"dense feature {col!r} contains infinite values ({int(np.isinf(v).sum())} row(s))")
+    return v
+
+
+def _split_sequence(values: pd.Series, sep: str) -> list[list[Any]]:
+    out = []
+    for v in values.tolist():
+        if isinstance(v, str):
+            out.append([t for t in v.split(sep) if t != ""])
+        elif v is None or (isinstance(v, float) and np.isnan(v)):
+            out.append([])
+        else:
+            out.append(list(v))
+    return out
+
+
+class Preprocessor:
+    """Column-wise preprocessing of a data frame into model-ready arrays plus a feature schema.
+
+    Args:
+        sparse: categorical columns (encoded to ids).
+        dense: numeric columns (filled and scaled).
+        sequence: list-valued columns (lists, arrays, or strings joined by ``sequence_sep``)
+            mapped to ``{column: shared_with or None}``; a sequence sharing another column's
+            vocabulary (e.g. ``hist_item_id`` -> ``item_id``) uses that column's encoder.
+        min_freq: minimum training frequency of a category (rarer values map to 0).
+        dense_scaling: one of ``standard``, ``minmax``, ``log``, ``none``.
+        encode: ``False`` when the categorical columns already hold ids (then vocabulary
+            sizes must be given through ``vocab_sizes`` or are taken as ``max + 1``).
+        max_len: padded length of sequences (post-padding, keeping the most recent items).
+    """
+
+    def __init__(
+        self,
+        sparse: Sequence[str] = (),
+        dense: Sequence[str] = (),
+        sequence: Mapping[str, str | None] | Sequence[str] = (),
+        min_freq: int = 1,
+        dense_scaling: str = "standard",
+        encode: bool = True,
+        vocab_sizes: Mapping[str, int] | None = None,
+        max_len: int = 50,
+        sequence_sep: str = "|",
+    ) -> None:
+        self.sparse = list(sparse)
+        self.dense = list(dense)
+        self.sequence = dict(sequence) if isinstance(sequence, Mapping) else {c: None for c in sequence}
+        self.min_freq = min_freq
+        self.dense_scaling = dense_scaling
+        if dense_scaling not in DENSE_SCALINGS:
+            raise ValueError(f"dense_scaling={dense_scaling!r} is not one of {DENSE_SCALINGS}")
+        self.encode = encode
+        self.vocab_sizes = dict(vocab_sizes or {})
+        self.max_len = int(max_len)
+        self.sequence_sep = sequence_sep
+        self.encoders: dict[str, CategoryEncoder] = {}
+        self.scalers: dict[str, DenseScaler] = {}
+        self.fitted = False
+
+    @property
+    def columns(self) -> list[str]:
+        return self.sparse + self.dense + list(self.sequence)
+
+    def check_columns(self, df: pd.DataFrame, what: str = "data") -> None:
+        missing = [c for c in self.columns if c not in df.columns]
+        if missing:
+            raise KeyError(f"feature column(s) {missing} not found in {what}; available columns: {list(df.columns)}")
+
+    def check_dtypes(self, df: pd.DataFrame, what: str = "data") -> None:
+        """Fail early on dense columns holding text (checked on all rows, not only training rows)."""
+        self.check_columns(df, what)
+        for col in self.dense:
+            if not (_is_numeric(df[col]) or pd.api.types.is_bool_dtype(df[col].dtype)):
+                _as_numeric_column(df, col)
+
+    def fit(self, df: pd.DataFrame) -> Preprocessor:
+        self.check_columns(df, "training data")
+        for col in self.dense:
+            self.scalers[col] = DenseScaler(self.dense_scaling).fit(_as_numeric_column(df, col))
+        if self.encode:
+            for col in self.sparse:
+                self.encoders[col] = CategoryEncoder(self.min_freq).fit(df[col])
+            for col, shared in self.sequence.items():
+                if shared is None:
+                    flat = [t for seq in _split_sequence(df[col], self.sequence_sep) for t in seq]
+                    self.encoders[col] = CategoryEncoder(self.min_freq).fit(pd.Series(flat))
+                elif shared not in self.encoders:
+                    raise ValueError(f"sequence feature {col!r} shares the vocabulary of {shared!r}, which is not a sparse feature")
+        else:
+            for col in self.sparse:
+                if col not in self.vocab_sizes:
+                    self.vocab_sizes[col] = int(pd.to_numeric(df[col]).max()) + 1
+            for col, shared in self.sequence.items():
+                if shared is None and col not in self.vocab_sizes:
+                    flat = [t for seq in _split_sequence(df[col], self.sequence_sep) for t in seq]
+                    self.vocab_sizes[col] = int(max(flat, default=0)) + 1
+        self.fitted = True
+        return self
+
+    def vocab_size(self, col: str) -> int:
+        owner = self.sequence.get(col) or col
+        if self.encode:
+            return self.encoders[owner].vocab_size
+        return int(self.vocab_sizes[owner])
+
+    def transform(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
+        if not self.fitted:
+            raise RuntimeError("Preprocessor.transform called before fit/load_state_dict")
+        self.check_columns(df)
+        out: dict[str, np.ndarray] = {}
+        for col in self.dense:
+            out[col] = self.scalers[col].transform(_as_numeric_column(df, col))
+        for col in self.sparse:
+            if self.encode:
+                out[col] = self.encoders[col].transform(df[col])
+            else:
+                out[col] = _as_numeric_column(df, col).astype(np.int64)
+        for col, shared in self.sequence.items():
+            seqs = _split_sequence(df[col], self.sequence_sep)
+            arr = np.zeros((len(seqs), self.max_len), dtype=np.int64)
+            enc = self.encoders[shared or col] if self.encode else None
+            lengths = np.array([min(len(s), self.max_len) for s in seqs])
+            flat = [t for s in seqs for t in s[-self.max_len :]]
+            ids = enc.transform(pd.Series(flat)) if enc is not None else np.asarray(flat, dtype=np.int64)
+            pos = 0
+            for r, n in enumerate(lengths):
+                arr[r, :n] = ids[pos : pos + n]
+                pos += n
+            out[col] = arr
+        return out
+
+    def schema(self, labels: Sequence[str], embed_dim: int | None = 16, groups: dict[str, list[str]] | None = None) -> FeatureSchema:
+        """The feature schema these columns produce (ids padded/unknown at 0)."""
+        feats: list[Any] = []
+        for col in self.dense:
+            feats.append(DenseFeature(col))
+        for col in self.sparse:
+            feats.append(SparseFeature(col, self.vocab_size(col), embed_dim, padding_idx=0))
+        for col, shared in self.sequence.items():
+            feats.append(
+                SequenceFeature(col, self.vocab_size(col), embed_dim, pooling="mean", shared_with=shared, padding_idx=0)
+            )
+        return FeatureSchema(feats, labels, groups)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sparse": self.sparse,
+            "dense": self.dense,
+            "sequence": self.sequence,
+            "min_freq": self.min_freq,
+            "dense_scaling": self.dense_scaling,
+            "encode": self.encode,
+            "vocab_sizes": self.vocab_sizes,
+            "max_len": self.max_len,
+            "sequence_sep": self.sequence_sep,
+            "encoders": {k: v.state_dict() for k, v in self.encoders.items()},
+            "scalers": {k: v.state_dict() for k, v in self.scalers.items()},
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> Preprocessor:
+        p = cls(
+            state["sparse"], state["dense"], state["sequence"], state["min_freq"], state["dense_scaling"],
+            state["encode"], state["vocab_sizes"], state["max_len"], state["sequence_sep"],
+        )
+        p.encoders = {k: CategoryEncoder().load_state_dict(v) for k, v in state["encoders"].items()}
+        p.scalers = {k: DenseScaler().load_state_dict(v) for k, v in state["scalers"].items()}
+        p.fitted = True
+        return p

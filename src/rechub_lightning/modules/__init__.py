@@ -1,0 +1,7 @@
+"""LightningModules: the shared base and one module per task family."""
+
+from .base import RecModule
+from .ctr import CTRModule
+from .optim import HybridOptimizer
+
+__all__ = ["RecModule", "CTRModule", "HybridOptimizer"]

@@ -1,0 +1,174 @@
+"""What the CTR, matching and multi-task LightningModules share (DESIGN decision 3).
+
+Optimizer and scheduler construction, L1/L2 regularisation, sparse-embedding
+optimisation, hyper-parameters that load with ``weights_only=True``, the learning-rate
+log and the prediction plumbing live here once; subclasses define the loss, the
+metrics and (multi-task) the optimisation step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from ..losses import RegularizationLoss
+from ..models.base import build_model, model_spec, returns_logits
+from .optim import HybridOptimizer, callable_path, resolve_callable, split_embedding_parameters
+
+__all__ = ["RecModule", "split_batch"]
+
+_REG_KEYS = ("embedding_l1", "embedding_l2", "dense_l1", "dense_l2")
+_EMBEDDING_OPTIMIZERS = ("sparse_adam", "adagrad", "sgd")
+
+
+def split_batch(batch: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    """``(x, y)`` from a batch that is ``(x, y)``, ``[x, y]`` or ``x`` alone (prediction)."""
+    if isinstance(batch, Mapping):
+        return dict(batch), None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Mapping):
+        return batch[0], batch[1]
+    raise TypeError(f"a batch must be (x_dict, y) or x_dict, got {type(batch).__name__}")
+
+
+class RecModule(L.LightningModule):
+    """Base LightningModule of rechub-lightning.
+
+    Args:
+        model: the network (``forward(x_dict)``), or a spec dict ``{"class_path", "init_args"}``
+            as stored in our checkpoints.
+        optimizer_fn: optimizer class or import path (default ``torch.optim.Adam``).
+        optimizer_params: its keyword arguments (default ``{"lr": 1e-3, "weight_decay": 1e-5}``).
+        regularization_params: ``{"embedding_l1", "embedding_l2", "dense_l1", "dense_l2"}``:
+            penalties on embedding tables vs all other (non-normalisation) parameters, added to
+            every step's loss (the reference's semantics).
+        scheduler_fn: any ``torch.optim.lr_scheduler`` class or import path, ReduceLROnPlateau
+            included (the reference only handled StepLR).
+        scheduler_params: its keyword arguments.
+        scheduler_interval: step the scheduler every ``"epoch"`` or ``"step"``.
+        scheduler_monitor: metric ReduceLROnPlateau watches (default: the module's ``monitor``).
+        sparse_embeddings: give embedding tables row-sparse gradients and update them with
+            ``embedding_optimizer``, so a step's cost does not grow with the vocabulary.
+        embedding_optimizer: ``"sparse_adam"`` (default), ``"adagrad"`` or ``"sgd"``; used only
+            with ``sparse_embeddings``.
+        embedding_optimizer_params: its keyword arguments (default: ``lr`` of ``optimizer_params``).
+    """
+
+    #: metric that early stopping / checkpointing watch, and its direction
+    monitor: str = "val/loss"
+    monitor_mode: str = "min"
+
+    def __init__(
+        self,
+        model: nn.Module | dict[str, Any],
+        optimizer_fn: str | Callable[..., torch.optim.Optimizer] = "torch.optim.Adam",
+        optimizer_params: dict[str, Any] | None = None,
+        regularization_params: dict[str, float] | None = None,
+        scheduler_fn: str | Callable[..., Any] | None = None,
+        scheduler_params: dict[str, Any] | None = None,
+        scheduler_interval: str = "epoch",
+        scheduler_monitor: str | None = None,
+        sparse_embeddings: bool = False,
+        embedding_optimizer: str = "sparse_adam",
+        embedding_optimizer_params: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(model, Mapping):
+            model = build_model(dict(model))
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.optimizer_fn = resolve_callable(optimizer_fn, "optimizer_fn") or torch.optim.Adam
+        self.optimizer_params = {"lr": 1e-3, "weight_decay": 1e-5} if optimizer_params is None else dict(optimizer_params)
+        reg = dict(regularization_params or {})
+        unknown = set(reg) - set(_REG_KEYS)
+        if unknown:
+            raise ValueError(f"regularization_params has unknown keys {sorted(unknown)}; allowed: {list(_REG_KEYS)}")
+        self.regularization = RegularizationLoss(**{k: float(reg.get(k, 0.0)) for k in _REG_KEYS})
+        self._has_reg = any(float(reg.get(k, 0.0)) > 0 for k in _REG_KEYS)
+        self.scheduler_fn = resolve_callable(scheduler_fn, "scheduler_fn")
+        self.scheduler_params = dict(scheduler_params or {})
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        self.scheduler_interval = scheduler_interval
+        self.scheduler_monitor = scheduler_monitor
+        if embedding_optimizer not in _EMBEDDING_OPTIMIZERS:
+            raise ValueError(f"embedding_optimizer={embedding_optimizer!r} is not one of {_EMBEDDING_OPTIMIZERS}")
+        self.sparse_embeddings = bool(sparse_embeddings)
+        self.embedding_optimizer = embedding_optimizer
+        self.embedding_optimizer_params = dict(embedding_optimizer_params or {})
+        if self.sparse_embeddings:
+            for m in self.model.modules():
+                if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+                    m.sparse = True
+        self.logits_out = returns_logits(self.model)
+
+        self.save_hyperparameters(ignore=["model"])
+        self._clean_hparams(optimizer_fn=optimizer_fn, scheduler_fn=scheduler_fn)
+
+    # ------------------------------------------------------------------ hyper-parameters
+    def _clean_hparams(self, **callables: Any) -> None:
+        """Keep hyper-parameters plain so checkpoints load with ``weights_only=True``."""
+        hp = self._hparams
+        for key in ("_instantiator", "_class_path"):
+            hp.pop(key, None)
+        for key, value in callables.items():
+            if key in hp:
+                hp[key] = callable_path(value)
+        spec = model_spec(self.model)
+        if spec is not None:
+            hp["model"] = spec
+        else:
+            hp.pop("model", None)
+        self._hparams_initial = type(hp)(dict(hp))  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ forward helpers
+    def forward(self, x: dict[str, torch.Tensor]) -> Any:
+        return self.model(x)
+
+    def regularization_loss(self) -> torch.Tensor | float:
+        return self.regularization(self.model) if self._has_reg else 0.0
+
+    # ------------------------------------------------------------------ optimizers
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not self.sparse_embeddings:
+            return self.optimizer_fn(params, **self.optimizer_params)
+        sparse, dense = split_embedding_parameters(self)
+        lr = self.embedding_optimizer_params.get("lr", self.optimizer_params.get("lr", 1e-3))
+        kw = {**self.embedding_optimizer_params, "lr": lr}
+        if self.embedding_optimizer == "sparse_adam":
+            emb_opt = torch.optim.SparseAdam(sparse, **kw)
+        elif self.embedding_optimizer == "adagrad":
+            emb_opt = torch.optim.Adagrad(sparse, **kw)
+        else:
+            emb_opt = torch.optim.SGD(sparse, **kw)
+        opts = [emb_opt] + ([self.optimizer_fn(dense, **self.optimizer_params)] if dense else [])
+        return HybridOptimizer(opts)
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        if self.scheduler_fn is None:
+            return None
+        scheduler = self.scheduler_fn(optimizer, **self.scheduler_params)
+        return {
+            "scheduler": scheduler,
+            "interval": self.scheduler_interval,
+            "frequency": 1,
+            "monitor": self.scheduler_monitor or self.monitor,
+            "strict": True,
+        }
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.build_optimizer()
+        scheduler = self.build_scheduler(optimizer)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_train_epoch_start(self) -> None:
+        opts = self.optimizers()
+        opt = opts[0] if isinstance(opts, list) else opts
+        self.log("learning_rate", float(opt.param_groups[-1]["lr"]), on_step=False, on_epoch=True)

@@ -1,0 +1,299 @@
+"""Torch-RecHub's trainer API on top of ``lightning.Trainer`` (DESIGN decision 6).
+
+A Torch-RecHub script moves over by changing its imports: the trainers keep the
+reference's constructor arguments and methods. Underneath, ``fit`` runs a
+``lightning.Trainer`` with ``EarlyStopping`` + ``ModelCheckpoint`` and, when it
+returns, the user's model object holds the best validation weights (also when
+patience never ran out) and ``model_path/model.pth`` holds the same state dict.
+``gpus=[0, 1]`` means DDP, never ``nn.DataParallel``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch import nn
+
+from .metrics import BinaryAUC
+from .models.base import returns_logits
+from .modules.base import RecModule, split_batch
+from .modules.ctr import CTRModule
+
+__all__ = ["CTRTrainer", "ReferenceLoggerAdapter", "device_config"]
+
+
+def device_config(device: str | torch.device = "cpu", gpus: Iterable[int] | None = None) -> dict[str, Any]:
+    """Lightning ``accelerator``/``devices``/``strategy`` for the reference's ``device`` and ``gpus``.
+
+    ``gpus=[0, 1]`` -> DDP over those GPUs; ``device="cuda:1"`` -> GPU 1; ``"cpu"`` -> CPU.
+    """
+    gpus = list(gpus or [])
+    if gpus:
+        return {"accelerator": "gpu", "devices": gpus, "strategy": "ddp" if len(gpus) > 1 else "auto"}
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return {"accelerator": "gpu", "devices": [dev.index or 0], "strategy": "auto"}
+    if dev.type == "mps":
+        return {"accelerator": "mps", "devices": 1, "strategy": "auto"}
+    if dev.type == "cpu":
+        return {"accelerator": "cpu", "devices": 1, "strategy": "auto"}
+    raise ValueError(f"device={device!r} is not supported (use 'cpu', 'cuda', 'cuda:N' or 'mps')")
+
+
+class ReferenceLoggerAdapter(Logger):
+    """Exposes Torch-RecHub-style loggers (``log_hyperparams``, ``log_metrics``, ``finish``) to Lightning."""
+
+    def __init__(self, loggers: Any) -> None:
+        super().__init__()
+        self._loggers = list(loggers) if isinstance(loggers, (list, tuple)) else [loggers]
+
+    @property
+    def name(self) -> str:
+        return "rechub"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        params = dict(params) if isinstance(params, Mapping) else vars(params)
+        for lg in self._loggers:
+            lg.log_hyperparams(params)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        for lg in self._loggers:
+            lg.log_metrics(dict(metrics), step=step)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        for lg in self._loggers:
+            if hasattr(lg, "finish"):
+                lg.finish()
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+class _FacadeBase:
+    """What the three trainer facades share: device mapping, the Lightning run, best weights."""
+
+    module: RecModule
+
+    def __init__(
+        self,
+        model: nn.Module,
+        n_epoch: int,
+        earlystop_patience: int,
+        device: str,
+        gpus: Iterable[int] | None,
+        model_path: str,
+        model_logger: Any,
+        trainer_kwargs: dict[str, Any] | None,
+    ) -> None:
+        self.model = model
+        self.n_epoch = int(n_epoch)
+        self.earlystop_patience = int(earlystop_patience)
+        self.gpus = list(gpus or [])
+        self.device = torch.device(f"cuda:{self.gpus[0]}" if self.gpus else device)
+        self._device_cfg = device_config(device, self.gpus)
+        self.model_path = model_path
+        self.model_logger = model_logger
+        self.trainer_kwargs = dict(trainer_kwargs or {})
+        self.trainer: L.Trainer | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    # ------------------------------------------------------------------ lightning run
+    def trainer_config(self, monitor: str, mode: str, with_validation: bool) -> dict[str, Any]:
+        """The ``lightning.Trainer`` arguments ``fit`` uses (exposed for inspection and tests)."""
+        callbacks: list[Any] = []
+        if with_validation:
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=os.path.join(self.model_path, "checkpoints"),
+                    filename="best",
+                    monitor=monitor,
+                    mode=mode,
+                    save_top_k=1,
+                    save_last=True,
+                    enable_version_counter=False,
+                )
+            )
+            callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=self.earlystop_patience, check_finite=False))
+        cfg: dict[str, Any] = {
+            **self._device_cfg,
+            "max_epochs": self.n_epoch,
+            "callbacks": callbacks,
+            "default_root_dir": self.model_path,
+            "logger": ReferenceLoggerAdapter(self.model_logger) if self.model_logger is not None else False,
+            "enable_checkpointing": with_validation,
+            "num_sanity_val_steps": 0,
+        }
+        cfg.update(self.trainer_kwargs)
+        return cfg
+
+    def _run_fit(self, train_dataloader: Any, val_dataloader: Any, model_file: str) -> None:
+        os.makedirs(self.model_path, exist_ok=True)
+        module = self.module
+        cfg = self.trainer_config(module.monitor, module.monitor_mode, val_dataloader is not None)
+        self.trainer = L.Trainer(**cfg)
+        self.trainer.fit(module, train_dataloaders=train_dataloader, val_dataloaders=val_dataloader)
+        ckpt_cb = self.trainer.checkpoint_callback
+        best = getattr(ckpt_cb, "best_model_path", "") if val_dataloader is not None else ""
+        if best:
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            module.load_state_dict(state)
+            score = ckpt_cb.best_model_score  # type: ignore[union-attr]
+            rank_zero_info(f"Restored best weights ({module.monitor}={float(score):.6f}) from {best}")
+        if self.trainer.is_global_zero:
+            torch.save(self.model.state_dict(), os.path.join(self.model_path, model_file))
+        self.model.to(self.device)
+
+    @property
+    def best_model_path(self) -> str | None:
+        cb = self.trainer.checkpoint_callback if self.trainer is not None else None
+        return getattr(cb, "best_model_path", None) or None
+
+    # ------------------------------------------------------------------ plain loops
+    def _optimizer_for_epochs(self) -> torch.optim.Optimizer:
+        if self._optimizer is None:
+            self._optimizer = self.module.build_optimizer()
+        return self._optimizer
+
+    def _train_loop(self, data_loader: Iterable[Any], log_interval: int, loss_fn: Callable[[Any], torch.Tensor]) -> float:
+        self.module.to(self.device)
+        self.module.train()
+        opt = self._optimizer_for_epochs()
+        total, count, window = 0.0, 0, 0.0
+        for i, batch in enumerate(data_loader):
+            batch = _to_device(batch, self.device)
+            loss = loss_fn(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            value = float(loss.detach())
+            total += value
+            window += value
+            count += 1
+            if log_interval and (i + 1) % log_interval == 0:
+                rank_zero_info(f"train batch {i + 1}: loss {window / log_interval:.6f}")
+                window = 0.0
+        return total / count if count else 0.0
+
+
+class CTRTrainer(_FacadeBase):
+    """Torch-RecHub's ``CTRTrainer`` API, trained by ``lightning.Trainer``.
+
+    Args:
+        model: any model taking the batch dict (ours return logits, Torch-RecHub's probabilities).
+        optimizer_fn: optimizer class (default ``torch.optim.Adam``).
+        optimizer_params: its arguments (default ``{"lr": 1e-3, "weight_decay": 1e-5}``).
+        regularization_params: ``{"embedding_l1", "embedding_l2", "dense_l1", "dense_l2"}``.
+        scheduler_fn: any LR scheduler class (stepped per epoch; ReduceLROnPlateau watches val/auc).
+        scheduler_params: its arguments.
+        n_epoch: maximum number of epochs.
+        earlystop_patience: epochs without validation-AUC improvement before stopping.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
+        gpus: GPU ids; two or more train with DDP.
+        loss_mode: ``False`` for models returning ``(scores, aux_loss)`` (DIEN).
+        model_path: where ``model.pth`` and the checkpoints go.
+        model_logger: a Torch-RecHub-style logger (or list), or Lightning loggers via ``trainer_kwargs``.
+        trainer_kwargs: extra ``lightning.Trainer`` arguments (e.g. ``precision="bf16-mixed"``).
+        **module_kwargs: extra :class:`~rechub_lightning.CTRModule` arguments (e.g. ``sparse_embeddings=True``).
+
+    Example:
+        >>> trainer = CTRTrainer(model, n_epoch=5, earlystop_patience=2, model_path="runs/deepfm")  # doctest: +SKIP
+        >>> trainer.fit(train_dl, val_dl)  # doctest: +SKIP
+        >>> auc = trainer.evaluate(trainer.model, test_dl)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer_fn: Callable[..., torch.optim.Optimizer] | str = torch.optim.Adam,
+        optimizer_params: dict[str, Any] | None = None,
+        regularization_params: dict[str, float] | None = None,
+        scheduler_fn: Callable[..., Any] | str | None = None,
+        scheduler_params: dict[str, Any] | None = None,
+        n_epoch: int = 10,
+        earlystop_patience: int = 10,
+        device: str = "cpu",
+        gpus: Iterable[int] | None = None,
+        loss_mode: bool = True,
+        model_path: str = "./",
+        model_logger: Any = None,
+        trainer_kwargs: dict[str, Any] | None = None,
+        **module_kwargs: Any,
+    ) -> None:
+        super().__init__(model, n_epoch, earlystop_patience, device, gpus, model_path, model_logger, trainer_kwargs)
+        self.loss_mode = loss_mode
+        self.module = CTRModule(
+            model,
+            optimizer_fn=optimizer_fn,
+            optimizer_params=optimizer_params,
+            regularization_params=regularization_params,
+            scheduler_fn=scheduler_fn,
+            scheduler_params=scheduler_params,
+            loss_mode=loss_mode,
+            **module_kwargs,
+        )
+        self.model.to(self.device)
+
+    def fit(self, train_dataloader: Any, val_dataloader: Any = None) -> None:
+        """Train; when it returns, ``self.model`` holds the best validation weights."""
+        self._run_fit(train_dataloader, val_dataloader, "model.pth")
+
+    def train_one_epoch(self, data_loader: Iterable[Any], log_interval: int = 10) -> float:
+        """One pass over ``data_loader`` (the optimizer persists across calls); returns the mean loss."""
+        return self._train_loop(data_loader, log_interval, self.module.compute_loss)
+
+    @torch.no_grad()
+    def _scores(self, model: nn.Module, data_loader: Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        model.to(self.device)
+        was_training = model.training
+        model.eval()
+        logits = returns_logits(model)
+        preds, targets = [], []
+        try:
+            for batch in data_loader:
+                x, y = split_batch(_to_device(batch, self.device))
+                out = model(x)
+                if not self.loss_mode:
+                    out = out[0]
+                p = out.reshape(-1).float()
+                preds.append(torch.sigmoid(p) if logits else p)
+                if y is not None:
+                    targets.append(y.reshape(-1).float())
+        finally:
+            model.train(was_training)
+        p = torch.cat(preds) if preds else torch.empty(0)
+        return p, (torch.cat(targets) if targets else None)
+
+    def evaluate(self, model: nn.Module, data_loader: Iterable[Any]) -> float:
+        """Exact ROC AUC of ``model`` on ``data_loader``."""
+        preds, target = self._scores(model, data_loader)
+        if target is None:
+            raise ValueError("evaluate needs a loader of (x, y) batches")
+        metric = BinaryAUC()
+        metric.update(preds.cpu(), target.cpu())
+        return float(metric.compute())
+
+    def predict(self, model: nn.Module, data_loader: Iterable[Any]) -> list[float]:
+        """Click probabilities, one per row, in loader order."""
+        preds, _ = self._scores(model, data_loader)
+        return preds.cpu().tolist()
