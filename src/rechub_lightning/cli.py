@@ -29,6 +29,13 @@ class RecHubCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.schema", "model.init_args.model.init_args.schema", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would merge the checkpoint's hyper-parameters into the config. Ours hold the
+        # network as a plain spec (so checkpoints load with weights_only=True) that the config
+        # parser cannot read back; the --config given with --ckpt_path already describes the
+        # model, and its weights come from the checkpoint.
+        return
+
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
         cfg = self.config.get(sub) if sub else self.config
@@ -66,10 +73,10 @@ def _configure_logging() -> None:
         log.propagate = False
 
 
-def main(args: list[str] | None = None) -> Any:
+def main(args: list[str] | None = None) -> None:
     """Entry point of the ``rechub`` console script."""
     _configure_logging()
-    return RecHubCLI(
+    RecHubCLI(
         RecModule,
         L.LightningDataModule,
         subclass_mode_model=True,

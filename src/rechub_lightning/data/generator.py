@@ -25,8 +25,9 @@ class DataGenerator:
     Args:
         x: feature name -> array ``(N,)`` or ``(N, L)``.
         y: labels ``(N,)`` or ``(N, n_tasks)``.
-        seed: seed of the random split and of the training shuffle (the reference uses
-            torch's global RNG; pass ``seed`` for reproducible runs).
+        seed: seed of the random split and of the training shuffle. ``None`` (default) draws
+            them from torch's global RNG exactly like the reference's ``random_split``, so
+            ``torch.manual_seed(s)`` before the call gives the reference's splits.
     """
 
     def __init__(self, x: dict[str, Any], y: Any, seed: int | None = None) -> None:
@@ -48,11 +49,13 @@ class DataGenerator:
         num_workers: int = 0,
     ) -> tuple[DataLoader, DataLoader, DataLoader]:
         """``(train, val, test)`` loaders: split by ``split_ratio`` or from the given arrays."""
-        seed = self._seed()
         if split_ratio is not None:
             n_train = int(self.length * split_ratio[0])
             n_val = int(self.length * split_ratio[1])
-            perm = torch.randperm(self.length, generator=torch.Generator().manual_seed(seed))
+            if self.seed is None:  # the reference's random_split: one randperm from the global RNG
+                perm = torch.randperm(self.length)
+            else:
+                perm = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed))
             rank_zero_info(f"the samples of train : val : test are {n_train} : {n_val} : {self.length - n_train - n_val}")
             train = self.dataset.subset(perm[:n_train])
             val = self.dataset.subset(perm[n_train : n_train + n_val])
@@ -61,6 +64,7 @@ class DataGenerator:
             train = self.dataset
             val = TensorDictDataset(x_val, y_val)
             test = TensorDictDataset(x_test, y_test)
+        seed = self._seed()
         return (
             make_dataloader(train, batch_size, shuffle=True, seed=seed, num_workers=num_workers),
             make_dataloader(val, batch_size, train=False, num_workers=num_workers),

@@ -1,0 +1,673 @@
+"""Evaluation metrics: AUC, log loss, group AUC and top-K retrieval metrics.
+
+Each metric has a stateless functional form (the truth, tested against sklearn or a
+brute-force reference) and a :class:`torchmetrics.Metric` that accumulates state over
+batches and synchronises it across processes, so a distributed evaluation gives the
+numbers a single process would.
+
+Differences from Torch-RecHub 0.9.0 (``basic/metric.py``):
+
+* ``gauc_score`` skips groups with a single class instead of returning NaN for the
+  whole data set;
+* ``hitrate@k`` is the share of users with at least one hit (the reference divided the
+  number of hits by the number of relevant items);
+* top-K metrics are plain floats, not rounded strings.
+
+Example:
+    >>> import torch
+    >>> auc_score(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]))
+    tensor(0.7500)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Union
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+__all__ = [
+    "auc_score",
+    "log_loss",
+    "gauc_score",
+    "topk_metrics",
+    "BinaryAUC",
+    "LogLoss",
+    "GroupAUC",
+    "RetrievalTopK",
+    "TOPK_METRIC_NAMES",
+]
+
+#: Names of the metrics returned by :func:`topk_metrics`, each suffixed ``@k``.
+TOPK_METRIC_NAMES: tuple[str, ...] = ("recall", "hitrate", "precision", "ndcg", "mrr")
+
+RelevantLike = Union[Tensor, Sequence[Any]]
+GroupWeights = Union[Literal["count", "uniform"], Mapping[int, float]]
+
+
+# --------------------------------------------------------------------------- helpers
+def _check_binary(target: Tensor, what: str = "target") -> None:
+    if target.numel() and bool(((target != 0) & (target != 1)).any()):
+        bad = target[(target != 0) & (target != 1)][0].item()
+        raise ValueError(f"{what} must contain only 0 and 1 (binary labels), found {bad}")
+
+
+def _check_same_length(**tensors: Tensor) -> None:
+    sizes = {name: t.numel() for name, t in tensors.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"inputs must have the same number of elements, got {sizes}")
+
+
+def _group_auc_stats(
+    preds: Tensor, target: Tensor, groups: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mann-Whitney statistics per group, fully vectorised.
+
+    Rows are sorted by (group, score); runs of equal (group, score) are tie blocks. For a
+    tie block with ``p`` positives and ``n`` negatives and ``b`` negatives of the same group
+    scored below it, its positives win ``p * (b + n / 2)`` pairs. Everything is counted
+    twice (``2 b + n``) so that it stays an exact integer.
+
+    Returns:
+        ``(group ids, twice the pairs won, positives, negatives)``, one entry per group in
+        ascending group order (a single group when ``groups`` is None).
+    """
+    preds = preds.detach().flatten()
+    target = target.detach().flatten() != 0
+    n = preds.numel()
+    device = preds.device
+    order = torch.argsort(preds, stable=True)
+    if groups is not None:
+        g_by_pred = groups.detach().flatten().to(device)[order]
+        by_group = torch.argsort(g_by_pred, stable=True)
+        order = order[by_group]
+        g = g_by_pred[by_group]
+    else:
+        g = torch.zeros(n, dtype=torch.long, device=device)
+    p = preds[order]
+    t = target[order].long()
+
+    new_group = torch.ones(n, dtype=torch.bool, device=device)
+    new_group[1:] = g[1:] != g[:-1]
+    new_run = new_group.clone()
+    new_run[1:] |= p[1:] != p[:-1]
+
+    run_id = torch.cumsum(new_run.long(), 0) - 1
+    n_runs = int(run_id[-1]) + 1
+    pos_run = torch.zeros(n_runs, dtype=torch.long, device=device).index_add_(0, run_id, t)
+    cnt_run = torch.bincount(run_id, minlength=n_runs)
+    neg_run = cnt_run - pos_run
+
+    run_starts = new_run.nonzero().squeeze(1)
+    run_is_group_start = new_group[run_starts]
+    run_group = torch.cumsum(run_is_group_start.long(), 0) - 1
+    n_groups = int(run_group[-1]) + 1
+
+    neg_before = torch.cumsum(neg_run, 0) - neg_run  # negatives in earlier runs, any group
+    group_base = neg_before[run_is_group_start]  # ... before each group's first run
+    neg_below = neg_before - group_base[run_group]
+    won2 = pos_run * (2 * neg_below + neg_run)
+
+    def per_group(x: Tensor) -> Tensor:
+        return torch.zeros(n_groups, dtype=torch.long, device=device).index_add_(0, run_group, x)
+
+    group_ids = g[new_group]
+    return group_ids, per_group(won2), per_group(pos_run), per_group(neg_run)
+
+
+# --------------------------------------------------------------------------- AUC
+def auc_score(preds: Tensor, target: Tensor) -> Tensor:
+    """Exact binary ROC AUC.
+
+    Equal scores share their average rank, as in :func:`sklearn.metrics.roc_auc_score`.
+    Counting is done in integers, so the result is exact up to the final division.
+
+    Args:
+        preds: scores of any shape (probabilities or logits: only the order matters).
+        target: binary labels (0/1, bool, int or float) with as many elements as ``preds``.
+
+    Returns:
+        A float32 scalar tensor; ``nan`` when ``target`` holds only one class (or is empty).
+
+    Raises:
+        ValueError: if the sizes differ or ``target`` is not binary.
+
+    Example:
+        >>> import torch
+        >>> auc_score(torch.tensor([0.2, 0.2, 0.9]), torch.tensor([0, 1, 1]))
+        tensor(0.7500)
+    """
+    _check_same_length(preds=preds, target=target)
+    _check_binary(target)
+    if preds.numel() == 0:
+        return torch.tensor(float("nan"), device=preds.device)
+    _, won2, pos, neg = _group_auc_stats(preds, target)
+    denom = 2 * pos * neg
+    if int(denom[0]) == 0:
+        return torch.tensor(float("nan"), device=preds.device)
+    return (won2[0].double() / denom[0].double()).float()
+
+
+def gauc_score(preds: Tensor, target: Tensor, groups: Tensor, weights: GroupWeights = "count") -> Tensor:
+    """Group AUC: the AUC of each group (usually a user), averaged with weights.
+
+    Groups whose rows hold a single class have no AUC and are **skipped** (they do not
+    count in the weights either); Torch-RecHub 0.9.0 returned NaN for the whole data set
+    as soon as one such group existed.
+
+    Args:
+        preds: scores, any shape.
+        target: binary labels with as many elements as ``preds``.
+        groups: integer group (user) id of each row.
+        weights: ``"count"``: a group weighs its number of rows (impressions), as in
+            Torch-RecHub; ``"uniform"``: every group weighs 1; or a mapping
+            ``{group id: weight}`` that must cover every group with both classes.
+
+    Returns:
+        A float32 scalar tensor; ``nan`` if no group has both classes.
+
+    Raises:
+        ValueError: if the sizes differ, ``target`` is not binary or ``weights`` is unknown.
+        KeyError: if a weight mapping misses a group that has both classes.
+
+    Example:
+        >>> import torch
+        >>> preds = torch.tensor([0.9, 0.1, 0.3, 0.8, 0.5])
+        >>> target = torch.tensor([1, 0, 1, 0, 1])
+        >>> groups = torch.tensor([0, 0, 1, 1, 2])  # group 2 has one class: skipped
+        >>> gauc_score(preds, target, groups)
+        tensor(0.5000)
+    """
+    _check_same_length(preds=preds, target=target, groups=groups)
+    _check_binary(target)
+    nan = torch.tensor(float("nan"), device=preds.device)
+    if preds.numel() == 0:
+        return nan
+    group_ids, won2, pos, neg = _group_auc_stats(preds, target, groups)
+    valid = (pos > 0) & (neg > 0)
+    if not bool(valid.any()):
+        return nan
+    auc = won2[valid].double() / (2 * pos[valid] * neg[valid]).double()
+    if isinstance(weights, Mapping):
+        keys = torch.tensor(list(weights.keys()), dtype=torch.long, device=auc.device)
+        vals = torch.tensor(list(weights.values()), dtype=torch.float64, device=auc.device)
+        keys, order = keys.sort()
+        vals = vals[order]
+        wanted = group_ids[valid].long()
+        at = torch.searchsorted(keys, wanted).clamp(max=max(len(keys) - 1, 0))
+        found = (keys[at] == wanted) if len(keys) else torch.zeros_like(wanted, dtype=torch.bool)
+        if not bool(found.all()):
+            raise KeyError(f"weights has no entry for group {int(wanted[~found][0])}")
+        w = vals[at]
+    elif weights == "count":
+        w = (pos[valid] + neg[valid]).double()
+    elif weights == "uniform":
+        w = torch.ones_like(auc)
+    else:
+        raise ValueError(f"weights must be 'count', 'uniform' or a mapping, got {weights!r}")
+    total = w.sum()
+    if float(total) == 0.0:
+        return nan
+    return ((w * auc).sum() / total).float()
+
+
+def log_loss(preds: Tensor, target: Tensor, from_logits: bool = False) -> Tensor:
+    """Mean binary cross-entropy, as :func:`sklearn.metrics.log_loss`.
+
+    Probabilities are clipped to ``[eps, 1 - eps]`` with ``eps`` the machine epsilon of
+    their dtype (as sklearn does); logits go through a numerically stable
+    ``softplus`` form and need no clipping. Sums are taken in float64.
+
+    Args:
+        preds: probabilities in ``[0, 1]``, or logits when ``from_logits``.
+        target: labels in ``[0, 1]`` with as many elements as ``preds``.
+        from_logits: whether ``preds`` are logits.
+
+    Returns:
+        A float32 scalar tensor (``nan`` for empty input).
+
+    Raises:
+        ValueError: if the sizes differ, a label is outside ``[0, 1]`` or a probability is
+            outside ``[0, 1]``.
+
+    Example:
+        >>> import torch
+        >>> log_loss(torch.tensor([0.5, 0.5]), torch.tensor([0, 1]))
+        tensor(0.6931)
+    """
+    total, count = _log_loss_sum(preds, target, from_logits, validate=True)
+    if count == 0:
+        return torch.tensor(float("nan"), device=preds.device)
+    return (total / count).float()
+
+
+def _log_loss_sum(preds: Tensor, target: Tensor, from_logits: bool, validate: bool) -> tuple[Tensor, int]:
+    _check_same_length(preds=preds, target=target)
+    preds = preds.detach().flatten()
+    target = target.detach().flatten()
+    if validate and target.numel() and bool(((target < 0) | (target > 1)).any()):
+        raise ValueError("target must lie in [0, 1]")
+    y = target.double()
+    if from_logits:
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(preds.double(), y, reduction="sum")
+    else:
+        if not preds.is_floating_point():
+            preds = preds.float()
+        if validate and preds.numel() and bool(((preds < 0) | (preds > 1)).any()):
+            raise ValueError("preds must be probabilities in [0, 1]; pass from_logits=True for logits")
+        eps = torch.finfo(preds.dtype).eps
+        p = preds.clamp(eps, 1 - eps).double()
+        loss = -(torch.xlogy(y, p) + torch.xlogy(1 - y, 1 - p)).sum()
+    return loss, preds.numel()
+
+
+# --------------------------------------------------------------------------- top-K
+def _to_padded(rows: RelevantLike, name: str, device: torch.device | None = None) -> Tensor:
+    """A (U, M) int64 tensor padded with -1 from a tensor or a ragged sequence of rows."""
+    if isinstance(rows, Tensor):
+        if rows.dim() != 2:
+            raise ValueError(f"{name} must be a 2-d tensor (users, items), got shape {tuple(rows.shape)}")
+        return rows.long().to(device) if device is not None else rows.long()
+    lists = [torch.as_tensor(list(r) if isinstance(r, (set, frozenset)) else r, dtype=torch.long).flatten() for r in rows]
+    width = max((len(r) for r in lists), default=0)
+    out = torch.full((len(lists), width), -1, dtype=torch.long)
+    for i, r in enumerate(lists):
+        out[i, : len(r)] = r
+    return out.to(device) if device is not None else out
+
+
+def _check_ks(ks: Sequence[int] | int) -> tuple[int, ...]:
+    ks = (ks,) if isinstance(ks, int) else tuple(ks)
+    if not ks or any((not isinstance(k, int)) or k < 1 for k in ks):
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    return ks
+
+
+def _topk_sums(topk_items: RelevantLike, relevant: RelevantLike, ks: tuple[int, ...]) -> tuple[Tensor, int]:
+    """Per-metric sums over users with at least one relevant item, and their number.
+
+    The sums are ordered ``[name@k for k in ks for name in TOPK_METRIC_NAMES]`` (float64).
+    """
+    items = _to_padded(topk_items, "topk_items")
+    rel = _to_padded(relevant, "relevant", device=items.device)
+    if items.shape[0] != rel.shape[0]:
+        raise ValueError(f"topk_items has {items.shape[0]} users but relevant has {rel.shape[0]}")
+    n_users, width = items.shape
+    device = items.device
+    k_max = max(ks)
+
+    rel_sorted = rel.sort(dim=1).values  # padding (-1) first
+    distinct = rel_sorted >= 0
+    distinct[:, 1:] &= rel_sorted[:, 1:] != rel_sorted[:, :-1]
+    n_rel = distinct.sum(1)
+    valid = n_rel > 0
+
+    if rel.shape[1] == 0 or width == 0:
+        hits = torch.zeros(n_users, width, dtype=torch.bool, device=device)
+    else:
+        at = torch.searchsorted(rel_sorted.contiguous(), items.contiguous()).clamp(max=rel.shape[1] - 1)
+        hits = (rel_sorted.gather(1, at) == items) & (items >= 0)
+        if width > 1:  # an item recommended twice counts once, at its first position
+            sorted_items, perm = items.sort(dim=1, stable=True)
+            dup_sorted = torch.zeros_like(hits)
+            dup_sorted[:, 1:] = sorted_items[:, 1:] == sorted_items[:, :-1]
+            hits &= ~torch.zeros_like(hits).scatter(1, perm, dup_sorted)
+
+    hits, n_rel = hits[valid], n_rel[valid]
+    n_valid = int(valid.sum())
+    discount = 1.0 / torch.log2(torch.arange(2, k_max + 2, dtype=torch.float64, device=device))
+    ideal_dcg = discount.cumsum(0)
+    hits_f = hits.double()
+    cum_hits = hits_f.cumsum(1)
+    cum_dcg = (hits_f * discount[:width]).cumsum(1) if width <= k_max else (hits_f[:, :k_max] * discount).cumsum(1)
+    any_hit = hits.any(1)
+    first_hit = hits.int().argmax(1) if width else torch.zeros(n_valid, dtype=torch.long, device=device)
+    zeros = torch.zeros(n_valid, dtype=torch.float64, device=device)
+
+    sums = []
+    for k in ks:
+        c = min(k, width)
+        n_hit = cum_hits[:, c - 1] if c else zeros
+        dcg = cum_dcg[:, c - 1] if c else zeros
+        idcg = ideal_dcg[n_rel.clamp(max=k) - 1]
+        rr = torch.where(any_hit & (first_hit < c), 1.0 / (first_hit + 1).double(), zeros)
+        per_user = {
+            "recall": n_hit / n_rel.double(),
+            "hitrate": (n_hit > 0).double(),
+            "precision": n_hit / k,
+            "ndcg": dcg / idcg,
+            "mrr": rr,
+        }
+        sums.extend(per_user[name].sum() for name in TOPK_METRIC_NAMES)
+    return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64), n_valid
+
+
+def _topk_dict(sums: Tensor, n_users: int, ks: tuple[int, ...]) -> dict[str, float]:
+    names = [f"{name}@{k}" for k in ks for name in TOPK_METRIC_NAMES]
+    if n_users == 0:
+        return {name: math.nan for name in names}
+    return {name: float(v) / n_users for name, v in zip(names, sums.tolist())}
+
+
+def topk_metrics(
+    topk_items: RelevantLike, relevant: RelevantLike, ks: Sequence[int] | int = (5, 10, 20)
+) -> dict[str, float]:
+    """Recall, hit rate, precision, nDCG and MRR at each cut-off ``k``.
+
+    Per user, with ``hits`` the number of relevant items among the first ``k``
+    recommendations and ``R`` the number of distinct relevant items:
+
+    * ``recall@k = hits / R``;
+    * ``hitrate@k`` = 1 if ``hits > 0`` else 0 (Torch-RecHub 0.9.0 divided the hits by
+      the relevant items instead);
+    * ``precision@k = hits / k`` (``k``, even when fewer than ``k`` items are ranked);
+    * ``ndcg@k``: binary-relevance DCG over the ideal DCG of ``min(R, k)`` hits;
+    * ``mrr@k``: ``1 / rank`` of the first hit, 0 without a hit in the first ``k``.
+
+    Each is averaged over users. Users with no relevant item are **excluded** from the
+    average; if no user has one, every value is ``nan``. ``topk_items`` may have fewer
+    than ``k`` columns (a corpus smaller than ``k``): missing positions, and entries equal
+    to ``-1``, are misses. An item listed twice for a user counts at its first position only.
+
+    Args:
+        topk_items: recommended item ids in rank order, a ``(U, K)`` integer tensor or a
+            sequence of ``U`` ranked lists (padded with ``-1``).
+        relevant: the held-out items of each user, a ``(U, M)`` integer tensor padded with
+            ``-1`` or a sequence of ``U`` lists/sets/tensors of item ids (ids are >= 0).
+        ks: cut-offs.
+
+    Returns:
+        ``{"recall@5": ..., "hitrate@5": ..., "precision@5": ..., "ndcg@5": ..., "mrr@5": ..., ...}``
+        as Python floats.
+
+    Raises:
+        ValueError: if the numbers of users differ or a cut-off is not a positive int.
+
+    Example:
+        >>> import torch
+        >>> out = topk_metrics(torch.tensor([[3, 1, 2], [0, 4, 5]]), [[1], [7, 8]], ks=(2,))
+        >>> out["recall@2"], out["hitrate@2"], out["mrr@2"]
+        (0.5, 0.5, 0.25)
+    """
+    ks = _check_ks(ks)
+    sums, n_users = _topk_sums(topk_items, relevant, ks)
+    return _topk_dict(sums, n_users, ks)
+
+
+# --------------------------------------------------------------------------- Metric classes
+def _cat(state: Tensor | list[Tensor], dtype: torch.dtype) -> Tensor:
+    """A list state as one tensor (it is one already after a distributed sync)."""
+    if isinstance(state, list) and not state:
+        return torch.empty(0, dtype=dtype)
+    return dim_zero_cat(state)
+
+
+class _CatStateMetric(Metric):
+    """A Metric with concatenated list states that survive an empty rank under DDP.
+
+    When a rank saw no batch, torchmetrics stands in an empty tensor of ``self.dtype``
+    for its list states; gathering that next to another rank's integer state mixes
+    dtypes. We put in an empty tensor of the right dtype first.
+    """
+
+    _list_state_dtypes: dict[str, torch.dtype | None]  # None: the metric's float dtype
+
+    def sync(
+        self,
+        dist_sync_fn: Any = None,
+        process_group: Any = None,
+        should_sync: bool = True,
+        distributed_available: Any = None,
+    ) -> None:
+        """Fill empty list states with a typed empty tensor, then :meth:`Metric.sync`."""
+        for name, dtype in self._list_state_dtypes.items():
+            state = getattr(self, name)
+            if isinstance(state, list) and not state:
+                setattr(self, name, [torch.empty(0, dtype=dtype or self.dtype, device=self.device)])
+        super().sync(
+            dist_sync_fn=dist_sync_fn,
+            process_group=process_group,
+            should_sync=should_sync,
+            distributed_available=distributed_available,
+        )
+
+
+class BinaryAUC(_CatStateMetric):
+    """Binary ROC AUC accumulated over batches (see :func:`auc_score`).
+
+    With ``thresholds=None`` (default) the value is exact: every score is kept (list
+    states, concatenated across processes), in the metric's float dtype (float32; use
+    ``metric.set_dtype(torch.float64)`` to keep float64 scores). With an int, scores must be
+    probabilities and are counted into that many equal-width bins over ``[0, 1]``
+    (constant memory, summed across processes); the value is then the exact AUC of the
+    binned scores, scores sharing a bin counting as ties.
+
+    Returns ``nan`` with a warning when only one class was seen.
+
+    Args:
+        thresholds: ``None`` for the exact AUC or a number of bins (>= 2).
+        name: what the warnings call this metric (e.g. ``"val/auc"``).
+        validate_args: check that targets are binary (and, binned, that scores are in ``[0, 1]``).
+        **kwargs: :class:`torchmetrics.Metric` options (``dist_sync_on_step``, ...).
+
+    Raises:
+        ValueError: if ``thresholds`` is not None nor an int >= 2.
+
+    Example:
+        >>> import torch
+        >>> metric = BinaryAUC()
+        >>> metric.update(torch.tensor([0.1, 0.4]), torch.tensor([0, 0]))
+        >>> metric.update(torch.tensor([0.35, 0.8]), torch.tensor([1, 1]))
+        >>> metric.compute()
+        tensor(0.7500)
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(
+        self, thresholds: int | None = None, name: str | None = None, validate_args: bool = True, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        if thresholds is not None and (isinstance(thresholds, bool) or not isinstance(thresholds, int) or thresholds < 2):
+            raise ValueError(f"thresholds must be None or an int >= 2, got {thresholds!r}")
+        self.thresholds = thresholds
+        self.name = name or type(self).__name__
+        self.validate_args = validate_args
+        if thresholds is None:
+            self.add_state("preds", default=[], dist_reduce_fx="cat")
+            self.add_state("target", default=[], dist_reduce_fx="cat")
+            self._list_state_dtypes = {"preds": None, "target": None}
+        else:
+            self.add_state("pos_hist", default=torch.zeros(thresholds, dtype=torch.long), dist_reduce_fx="sum")
+            self.add_state("neg_hist", default=torch.zeros(thresholds, dtype=torch.long), dist_reduce_fx="sum")
+            self._list_state_dtypes = {}
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Add a batch of scores and binary labels."""
+        _check_same_length(preds=preds, target=target)
+        preds, target = preds.detach().flatten(), target.detach().flatten()
+        if self.validate_args:
+            _check_binary(target)
+        if self.thresholds is None:
+            self.preds.append(preds.to(self.dtype))
+            self.target.append(target.to(self.dtype))
+            return
+        if self.validate_args and preds.numel() and bool(((preds < 0) | (preds > 1)).any()):
+            raise ValueError(f"{self.name}: binned AUC needs probabilities in [0, 1]")
+        bins = (preds.double() * self.thresholds).long().clamp(0, self.thresholds - 1)
+        pos = target != 0
+        self.pos_hist += torch.bincount(bins[pos], minlength=self.thresholds)
+        self.neg_hist += torch.bincount(bins[~pos], minlength=self.thresholds)
+
+    def compute(self) -> Tensor:
+        """The AUC so far (``nan`` with a warning if only one class was seen)."""
+        if self.thresholds is None:
+            preds, target = _cat(self.preds, self.dtype), _cat(self.target, self.dtype)
+            n_pos = int((target != 0).sum())
+            n_neg = target.numel() - n_pos
+        else:
+            n_pos, n_neg = int(self.pos_hist.sum()), int(self.neg_hist.sum())
+        if n_pos == 0 or n_neg == 0:
+            rank_zero_warn(
+                f"{self.name}: AUC is undefined with {n_pos} positive and {n_neg} negative labels; returning NaN."
+            )
+            return torch.tensor(float("nan"), device=self.device)
+        if self.thresholds is None:
+            return auc_score(preds, target)
+        neg_below = torch.cumsum(self.neg_hist, 0) - self.neg_hist
+        won2 = (self.pos_hist * (2 * neg_below + self.neg_hist)).sum()
+        return (won2.double() / (2.0 * n_pos * n_neg)).float()
+
+
+class LogLoss(Metric):
+    """Mean binary cross-entropy accumulated over batches (see :func:`log_loss`).
+
+    Keeps a float64 sum and a row count, summed across processes: the value equals
+    :func:`sklearn.metrics.log_loss` on all rows.
+
+    Args:
+        from_logits: whether the scores passed to ``update`` are logits (else probabilities).
+        validate_args: check that labels, and probabilities, lie in ``[0, 1]``.
+        **kwargs: :class:`torchmetrics.Metric` options.
+
+    Example:
+        >>> import torch
+        >>> metric = LogLoss(from_logits=True)
+        >>> metric.update(torch.tensor([0.0, 0.0]), torch.tensor([0, 1]))
+        >>> metric.compute()
+        tensor(0.6931)
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, from_logits: bool = False, validate_args: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.from_logits = from_logits
+        self.validate_args = validate_args
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Add a batch of scores (probabilities or logits) and labels."""
+        total, count = _log_loss_sum(preds, target, self.from_logits, validate=self.validate_args)
+        self.total += total.to(self.total.dtype)
+        self.count += count
+
+    def compute(self) -> Tensor:
+        """The mean log loss so far (``nan`` before any row)."""
+        if int(self.count) == 0:
+            return torch.tensor(float("nan"), device=self.device)
+        return (self.total.double() / self.count.double()).float()
+
+
+class GroupAUC(_CatStateMetric):
+    """Group (user) AUC accumulated over batches (see :func:`gauc_score`).
+
+    Keeps every score, label and group id (list states, concatenated across processes),
+    so rows of one group may arrive in different batches or on different processes.
+    Groups with a single class are skipped; ``nan`` with a warning if none is left.
+
+    Args:
+        weights: ``"count"`` (rows per group), ``"uniform"`` or a ``{group: weight}`` mapping.
+        name: what the warnings call this metric (e.g. ``"val/gauc"``).
+        validate_args: check that targets are binary.
+        **kwargs: :class:`torchmetrics.Metric` options.
+
+    Example:
+        >>> import torch
+        >>> metric = GroupAUC()
+        >>> metric.update(torch.tensor([0.9, 0.1]), torch.tensor([1, 0]), torch.tensor([0, 0]))
+        >>> metric.update(torch.tensor([0.3, 0.8]), torch.tensor([1, 0]), torch.tensor([1, 1]))
+        >>> metric.compute()
+        tensor(0.5000)
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(
+        self, weights: GroupWeights = "count", name: str | None = None, validate_args: bool = True, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(weights, Mapping) and weights not in ("count", "uniform"):
+            raise ValueError(f"weights must be 'count', 'uniform' or a mapping, got {weights!r}")
+        self.weights = weights
+        self.name = name or type(self).__name__
+        self.validate_args = validate_args
+        self.add_state("preds", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+        self.add_state("groups", default=[], dist_reduce_fx="cat")
+        self._list_state_dtypes = {"preds": None, "target": None, "groups": torch.long}
+
+    def update(self, preds: Tensor, target: Tensor, groups: Tensor) -> None:
+        """Add a batch of scores, binary labels and integer group ids."""
+        _check_same_length(preds=preds, target=target, groups=groups)
+        if self.validate_args:
+            _check_binary(target)
+        self.preds.append(preds.detach().flatten().to(self.dtype))
+        self.target.append(target.detach().flatten().to(self.dtype))
+        self.groups.append(groups.detach().flatten().long())
+
+    def compute(self) -> Tensor:
+        """The group AUC so far (``nan`` with a warning if no group has both classes)."""
+        preds, target = _cat(self.preds, self.dtype), _cat(self.target, self.dtype)
+        value = gauc_score(preds, target, _cat(self.groups, torch.long), self.weights)
+        if torch.isnan(value):
+            rank_zero_warn(f"{self.name}: no group has both positive and negative labels; returning NaN.")
+        return value
+
+
+class RetrievalTopK(Metric):
+    """Top-K retrieval metrics accumulated over batches of users (see :func:`topk_metrics`).
+
+    Each ``update`` scores its users at once; the state is the per-metric sum over users
+    with a relevant item and their count (summed across processes). A user must appear in
+    one batch only. The result equals :func:`topk_metrics` on all users, on one process or
+    many, up to float64 summation order.
+
+    Args:
+        ks: cut-offs.
+        **kwargs: :class:`torchmetrics.Metric` options.
+
+    Raises:
+        ValueError: if a cut-off is not a positive int.
+
+    Example:
+        >>> import torch
+        >>> metric = RetrievalTopK(ks=(2,))
+        >>> metric.update(torch.tensor([[3, 1, 2]]), [[1]])
+        >>> metric.update(torch.tensor([[0, 4, 5]]), [[7, 8]])
+        >>> metric.compute()["recall@2"]
+        0.5
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, ks: Sequence[int] | int = (5, 10, 20), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ks = _check_ks(ks)
+        n = len(self.ks) * len(TOPK_METRIC_NAMES)
+        self.add_state("sums", default=torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n_users", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, topk_items: RelevantLike, relevant: RelevantLike) -> None:
+        """Add a batch of users: their ranked items ``(B, K)`` and held-out items ``(B, M)`` or lists."""
+        sums, n_users = _topk_sums(topk_items, relevant, self.ks)
+        self.sums += sums.to(self.sums)
+        self.n_users += n_users
+
+    def compute(self) -> dict[str, float]:  # type: ignore[override]
+        """``{"recall@k": ..., "hitrate@k": ..., "precision@k": ..., "ndcg@k": ..., "mrr@k": ...}``."""
+        return _topk_dict(self.sums, int(self.n_users), self.ks)

@@ -1,0 +1,383 @@
+"""Exact top-K search over item embeddings, and an optional faiss index with the same API.
+
+:func:`topk_search` scores users against all items chunk by chunk (memory bounded by
+``chunk_size x n_items`` scores) and breaks ties deterministically, lower item row first,
+so two runs, or a chunked and an unchunked run, return the same lists.
+
+Example:
+    >>> import torch
+    >>> users, items = torch.randn(4, 8), torch.randn(100, 8)
+    >>> scores, ids = topk_search(users, items, k=10)
+    >>> scores.shape, ids.shape
+    (torch.Size([4, 10]), torch.Size([4, 10]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["topk_search", "ExactIndex", "FaissIndex", "build_index", "ExcludeLike"]
+
+#: Items to exclude per user: CSR ``(indptr (U + 1,), indices)`` tensors, or one sequence
+#: of item row indices per user.
+ExcludeLike = Union[tuple[Tensor, Tensor], Sequence[Any]]
+
+_ANN_HINT = "pip install rechub-lightning[ann]"
+
+
+def _exclude_to_csr(exclude: ExcludeLike, n_users: int, n_items: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Normalise ``exclude`` to CSR ``(indptr, indices)`` int64 tensors on ``device``."""
+    if isinstance(exclude, tuple) and len(exclude) == 2 and all(isinstance(t, Tensor) for t in exclude):
+        indptr, indices = (t.to(device=device, dtype=torch.long).flatten() for t in exclude)
+        if indptr.numel() != n_users + 1:
+            raise ValueError(f"exclude indptr must have n_users + 1 = {n_users + 1} entries, got {indptr.numel()}")
+        if int(indptr[0]) != 0 or int(indptr[-1]) != indices.numel() or bool((indptr[1:] < indptr[:-1]).any()):
+            raise ValueError("exclude indptr must start at 0, be non-decreasing and end at len(indices)")
+    else:
+        rows = [torch.as_tensor(list(r) if isinstance(r, (set, frozenset)) else r, dtype=torch.long).flatten() for r in exclude]
+        if len(rows) != n_users:
+            raise ValueError(f"exclude has {len(rows)} rows but there are {n_users} users")
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        indptr = torch.zeros(n_users + 1, dtype=torch.long)
+        indptr[1:] = lengths.cumsum(0)
+        indices = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+        indptr, indices = indptr.to(device), indices.to(device)
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_items):
+        raise ValueError(f"exclude holds item rows outside [0, {n_items})")
+    return indptr, indices
+
+
+def _stable_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top ``k`` per row ordered by (score descending, column ascending).
+
+    ``torch.topk`` may pick any of the columns tied at the k-th score; rows where more
+    columns tie there than there are places left are re-selected lowest column first.
+    """
+    vals, idx = torch.topk(scores, k, dim=1)
+    kth = vals[:, -1:]
+    ambiguous = (scores >= kth).sum(1) > k
+    if bool(ambiguous.any()):
+        rows = ambiguous.nonzero().squeeze(1)
+        s, t = scores[rows], kth[rows]
+        above = s > t
+        tied = s == t
+        room = k - above.sum(1, keepdim=True)
+        chosen = above | (tied & (tied.long().cumsum(1) <= room))
+        cols = chosen.nonzero()[:, 1].view(-1, k)
+        idx[rows] = cols
+        vals[rows] = s.gather(1, cols)
+    idx, perm = idx.sort(dim=1)
+    vals = vals.gather(1, perm)
+    vals, perm = vals.sort(dim=1, descending=True, stable=True)
+    return vals, idx.gather(1, perm)
+
+
+def _select_from_candidates(scores: Tensor, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Best ``k`` distinct item rows among candidates ``(U, C)`` (rows < 0 are empty slots).
+
+    A row listed several times keeps its highest score. Order: score descending, row ascending.
+    """
+    scores = torch.where(rows < 0, torch.full_like(scores, float("-inf")), scores)
+    # within each item row, best score first; then mark repeats
+    order = scores.sort(dim=1, descending=True, stable=True).indices
+    rows, scores = rows.gather(1, order), scores.gather(1, order)
+    order = rows.sort(dim=1, stable=True).indices
+    rows, scores = rows.gather(1, order), scores.gather(1, order)
+    repeat = torch.zeros_like(rows, dtype=torch.bool)
+    repeat[:, 1:] = rows[:, 1:] == rows[:, :-1]
+    scores = scores.masked_fill(repeat, float("-inf"))
+    order = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    scores, rows = scores.gather(1, order), rows.gather(1, order)
+    return scores, rows.masked_fill(scores == float("-inf"), -1)
+
+
+@torch.no_grad()
+def topk_search(
+    user_emb: Tensor,
+    item_emb: Tensor,
+    k: int,
+    *,
+    chunk_size: int = 1024,
+    exclude: ExcludeLike | None = None,
+    item_ids: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Exact inner-product top-K items for each user.
+
+    Users are scored ``chunk_size`` at a time (``chunk @ item_emb.T``, then
+    ``torch.topk``), so memory stays at ``chunk_size x n_items`` scores. A multi-interest
+    user ``(I, D)`` scores an item by the best of its interests.
+
+    Ties are broken deterministically: among equal scores the lower item row comes first,
+    whatever the chunk size.
+
+    Args:
+        user_emb: ``(U, D)`` user embeddings, or ``(U, I, D)`` for ``I`` interests per user.
+        item_emb: ``(N, D)`` item embeddings, on the same device.
+        k: items per user. If ``k > N``, ``N`` columns are returned.
+        chunk_size: users scored at once.
+        exclude: item **rows** (positions in ``item_emb``, not ids) never to return per user,
+            e.g. the training items: CSR ``(indptr (U + 1,), indices)`` tensors or one
+            sequence per user. If fewer than ``k`` items are left for a user, the trailing
+            places hold score ``-inf`` and id ``-1``.
+        item_ids: ``(N,)`` ids returned in place of item rows.
+
+    Returns:
+        ``(scores (U, min(k, N)), ids (U, min(k, N)))``, best first; ids are int64.
+
+    Raises:
+        ValueError: on bad shapes, devices, ``k`` or ``chunk_size``, or out-of-range exclusions.
+
+    Example:
+        >>> import torch
+        >>> items = torch.eye(3)
+        >>> users = torch.tensor([[0.0, 1.0, 0.5]])
+        >>> topk_search(users, items, k=2, exclude=[[1]])[1]
+        tensor([[2, 0]])
+    """
+    if user_emb.dim() not in (2, 3):
+        raise ValueError(f"user_emb must be (U, D) or (U, I, D), got shape {tuple(user_emb.shape)}")
+    if item_emb.dim() != 2 or item_emb.shape[1] != user_emb.shape[-1]:
+        raise ValueError(
+            f"item_emb must be (N, {user_emb.shape[-1]}) to match user_emb, got shape {tuple(item_emb.shape)}"
+        )
+    if item_emb.device != user_emb.device:
+        raise ValueError(f"user_emb is on {user_emb.device} but item_emb is on {item_emb.device}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    n_users, n_items = user_emb.shape[0], item_emb.shape[0]
+    if item_ids is not None and item_ids.numel() != n_items:
+        raise ValueError(f"item_ids has {item_ids.numel()} entries for {n_items} items")
+    device = user_emb.device
+    dtype = torch.promote_types(user_emb.dtype, item_emb.dtype)
+    users, items_t = user_emb.to(dtype), item_emb.to(dtype).T
+    kk = min(k, n_items)
+    csr = _exclude_to_csr(exclude, n_users, n_items, device) if exclude is not None else None
+
+    out_scores = torch.empty(n_users, kk, dtype=dtype, device=device)
+    out_rows = torch.empty(n_users, kk, dtype=torch.long, device=device)
+    for start in range(0, n_users, chunk_size):
+        stop = min(start + chunk_size, n_users)
+        chunk = users[start:stop]
+        if chunk.dim() == 2:
+            scores = chunk @ items_t
+        else:  # max over interests, one (chunk, N) product at a time
+            scores = chunk[:, 0] @ items_t
+            for i in range(1, chunk.shape[1]):
+                torch.maximum(scores, chunk[:, i] @ items_t, out=scores)
+        if csr is not None:
+            indptr, indices = csr
+            lo, hi = int(indptr[start]), int(indptr[stop])
+            if hi > lo:
+                counts = indptr[start + 1 : stop + 1] - indptr[start:stop]
+                row = torch.repeat_interleave(torch.arange(stop - start, device=device), counts)
+                scores[row, indices[lo:hi]] = float("-inf")
+        if kk:
+            out_scores[start:stop], out_rows[start:stop] = _stable_topk(scores, kk)
+    if csr is not None:
+        out_rows.masked_fill_(out_scores == float("-inf"), -1)
+    if item_ids is None:
+        return out_scores, out_rows
+    ids = item_ids.to(device=device, dtype=torch.long)[out_rows.clamp(min=0)]
+    return out_scores, ids.masked_fill_(out_rows < 0, -1)
+
+
+class ExactIndex:
+    """Exact inner-product index: :func:`topk_search` behind an ``add``/``search`` API.
+
+    Args:
+        chunk_size: users scored at once by :meth:`search`.
+
+    Example:
+        >>> import torch
+        >>> index = ExactIndex()
+        >>> index.add(torch.eye(3), item_ids=torch.tensor([10, 11, 12]))
+        >>> index.search(torch.tensor([[0.0, 1.0, 0.5]]), k=2)[1]
+        tensor([[11, 12]])
+    """
+
+    def __init__(self, chunk_size: int = 1024) -> None:
+        self.chunk_size = chunk_size
+        self.item_emb: Tensor | None = None
+        self.item_ids: Tensor | None = None
+
+    @property
+    def ntotal(self) -> int:
+        """Number of items added."""
+        return 0 if self.item_emb is None else self.item_emb.shape[0]
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    def add(self, item_emb: Tensor, item_ids: Tensor | None = None) -> None:
+        """Append items ``(N, D)``; ``item_ids`` default to their running position (0, 1, ...)."""
+        item_emb = item_emb.detach()
+        if item_emb.dim() != 2:
+            raise ValueError(f"item_emb must be (N, D), got shape {tuple(item_emb.shape)}")
+        n = item_emb.shape[0]
+        if item_ids is None:
+            item_ids = torch.arange(self.ntotal, self.ntotal + n)
+        item_ids = item_ids.detach().flatten().long().to(item_emb.device)
+        if item_ids.numel() != n:
+            raise ValueError(f"item_ids has {item_ids.numel()} entries for {n} items")
+        if self.item_emb is None:
+            self.item_emb, self.item_ids = item_emb, item_ids
+        else:
+            assert self.item_ids is not None
+            self.item_emb = torch.cat([self.item_emb, item_emb.to(self.item_emb)])
+            self.item_ids = torch.cat([self.item_ids, item_ids.to(self.item_ids.device)])
+
+    def search(self, user_emb: Tensor, k: int, exclude: ExcludeLike | None = None) -> tuple[Tensor, Tensor]:
+        """``(scores, item ids)`` of the top ``k`` items; see :func:`topk_search`.
+
+        ``exclude`` holds item rows (positions in the order added), not ids.
+        """
+        if self.item_emb is None:
+            raise RuntimeError("search called on an empty index: add items first")
+        return topk_search(
+            user_emb.detach().to(self.item_emb.device),
+            self.item_emb,
+            k,
+            chunk_size=self.chunk_size,
+            exclude=exclude,
+            item_ids=self.item_ids,
+        )
+
+
+class FaissIndex:
+    """Inner-product faiss index (``IndexFlatIP``, or ``IndexIVFFlat`` with ``nlist``).
+
+    Same API as :class:`ExactIndex`. Embeddings are searched as float32 on the CPU; results
+    come back on the device of the user embeddings. With IVF, items are clustered on the
+    first ``add`` (which needs at least ``nlist`` items) and the search is approximate: a
+    user may get fewer than ``k`` items, the rest padded with score ``-inf`` and id ``-1``.
+
+    Args:
+        nlist: number of IVF cells; ``None`` for exact flat search.
+        nprobe: IVF cells visited per query.
+
+    Raises:
+        ImportError: if faiss is not installed (``pip install rechub-lightning[ann]``).
+
+    Example:
+        >>> import torch
+        >>> index = FaissIndex()  # doctest: +SKIP
+        >>> index.add(torch.randn(1000, 16))  # doctest: +SKIP
+        >>> scores, ids = index.search(torch.randn(5, 16), k=10)  # doctest: +SKIP
+    """
+
+    def __init__(self, nlist: int | None = None, nprobe: int = 8) -> None:
+        try:
+            import faiss
+        except ImportError as err:
+            raise ImportError(f"FaissIndex needs faiss: {_ANN_HINT} (or install faiss-cpu / faiss-gpu)") from err
+        if nlist is not None and nlist < 1:
+            raise ValueError(f"nlist must be None or >= 1, got {nlist}")
+        self._faiss = faiss
+        self.nlist = nlist
+        self.nprobe = nprobe
+        self.index: Any = None
+        self.item_ids: Tensor | None = None
+
+    @property
+    def ntotal(self) -> int:
+        """Number of items added."""
+        return 0 if self.index is None else int(self.index.ntotal)
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    def add(self, item_emb: Tensor, item_ids: Tensor | None = None) -> None:
+        """Append items ``(N, D)``; ``item_ids`` default to their running position (0, 1, ...)."""
+        if item_emb.dim() != 2:
+            raise ValueError(f"item_emb must be (N, D), got shape {tuple(item_emb.shape)}")
+        x = np.ascontiguousarray(item_emb.detach().cpu().float().numpy())
+        n, dim = x.shape
+        if item_ids is None:
+            item_ids = torch.arange(self.ntotal, self.ntotal + n)
+        item_ids = item_ids.detach().flatten().long().cpu()
+        if item_ids.numel() != n:
+            raise ValueError(f"item_ids has {item_ids.numel()} entries for {n} items")
+        faiss = self._faiss
+        if self.index is None:
+            if self.nlist is None:
+                self.index = faiss.IndexFlatIP(dim)
+            else:
+                if n < self.nlist:
+                    raise ValueError(f"IVF needs at least nlist={self.nlist} items on the first add, got {n}")
+                quantizer = faiss.IndexFlatIP(dim)
+                self.index = faiss.IndexIVFFlat(quantizer, dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
+                self.index.train(x)
+                self.index.nprobe = self.nprobe
+                self._quantizer = quantizer  # faiss does not own it: keep it alive
+        self.index.add(x)
+        self.item_ids = item_ids if self.item_ids is None else torch.cat([self.item_ids, item_ids])
+
+    def search(self, user_emb: Tensor, k: int, exclude: ExcludeLike | None = None) -> tuple[Tensor, Tensor]:
+        """``(scores, item ids)`` of the top ``k`` items, best first (ties: lower row first).
+
+        ``user_emb`` is ``(U, D)`` or ``(U, I, D)`` (an item scores the best of the
+        interests). ``exclude`` holds item rows (positions in the order added), not ids.
+        """
+        if self.index is None or self.item_ids is None:
+            raise RuntimeError("search called on an empty index: add items first")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        if user_emb.dim() not in (2, 3):
+            raise ValueError(f"user_emb must be (U, D) or (U, I, D), got shape {tuple(user_emb.shape)}")
+        device = user_emb.device
+        n_users, n_items = user_emb.shape[0], self.ntotal
+        interests = 1 if user_emb.dim() == 2 else user_emb.shape[1]
+        kk = min(k, n_items)
+        csr = _exclude_to_csr(exclude, n_users, n_items, torch.device("cpu")) if exclude is not None else None
+        extra = int((csr[0][1:] - csr[0][:-1]).max()) if csr is not None and n_users else 0
+        k_search = min(n_items, kk + extra)
+
+        queries = np.ascontiguousarray(user_emb.detach().reshape(-1, user_emb.shape[-1]).cpu().float().numpy())
+        dist, labels = self.index.search(queries, k_search)
+        scores = torch.from_numpy(dist).reshape(n_users, interests * k_search)
+        rows = torch.from_numpy(labels).long().reshape(n_users, interests * k_search)
+        if csr is not None:
+            indptr, indices = csr
+            user_of = torch.repeat_interleave(torch.arange(n_users), indptr[1:] - indptr[:-1])
+            # (user, row) pairs as one key: excluded candidates are those whose key is listed
+            excluded_keys = (user_of * n_items + indices).sort().values
+            keys = torch.arange(n_users).unsqueeze(1) * n_items + rows
+            at = torch.searchsorted(excluded_keys, keys).clamp(max=max(excluded_keys.numel() - 1, 0))
+            hit = (excluded_keys[at] == keys) if excluded_keys.numel() else torch.zeros_like(keys, dtype=torch.bool)
+            rows = rows.masked_fill(hit & (rows >= 0), -1)
+        scores, rows = _select_from_candidates(scores, rows, kk)
+        ids = self.item_ids[rows.clamp(min=0)].masked_fill(rows < 0, -1)
+        return scores.to(device), ids.to(device)
+
+
+def build_index(kind: Literal["exact", "faiss"] = "exact", **kwargs: Any) -> ExactIndex | FaissIndex:
+    """Build an item index by name.
+
+    Args:
+        kind: ``"exact"`` (:class:`ExactIndex`) or ``"faiss"`` (:class:`FaissIndex`).
+        **kwargs: arguments of the chosen class.
+
+    Returns:
+        An empty index; fill it with ``add``.
+
+    Raises:
+        ValueError: for an unknown ``kind``.
+        ImportError: for ``"faiss"`` without faiss installed.
+
+    Example:
+        >>> index = build_index("exact", chunk_size=256)
+        >>> type(index).__name__
+        'ExactIndex'
+    """
+    if kind == "exact":
+        return ExactIndex(**kwargs)
+    if kind == "faiss":
+        return FaissIndex(**kwargs)
+    raise ValueError(f"kind must be 'exact' or 'faiss', got {kind!r}")
