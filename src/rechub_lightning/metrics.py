@@ -63,6 +63,17 @@ def _check_same_length(**tensors: Tensor) -> None:
         raise ValueError(f"inputs must have the same number of elements, got {sizes}")
 
 
+def _segment_sum(x: Tensor, is_start: Tensor) -> Tensor:
+    """Sums of the contiguous segments of ``x`` that begin where ``is_start`` (``is_start[0]`` set).
+
+    Differences of a cumulative sum: deterministic on every device, unlike scatter-adds.
+    """
+    is_end = torch.ones_like(is_start)
+    is_end[:-1] = is_start[1:]
+    at_end = torch.cumsum(x, 0)[is_end]
+    return torch.diff(at_end, prepend=at_end.new_zeros(1))
+
+
 def _group_auc_stats(
     preds: Tensor, target: Tensor, groups: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -97,27 +108,22 @@ def _group_auc_stats(
     new_run = new_group.clone()
     new_run[1:] |= p[1:] != p[:-1]
 
-    run_id = torch.cumsum(new_run.long(), 0) - 1
-    n_runs = int(run_id[-1]) + 1
-    pos_run = torch.zeros(n_runs, dtype=torch.long, device=device).index_add_(0, run_id, t)
-    cnt_run = torch.bincount(run_id, minlength=n_runs)
-    neg_run = cnt_run - pos_run
+    pos_run = _segment_sum(t, new_run)
+    neg_run = _segment_sum(1 - t, new_run)
 
-    run_starts = new_run.nonzero().squeeze(1)
-    run_is_group_start = new_group[run_starts]
-    run_group = torch.cumsum(run_is_group_start.long(), 0) - 1
-    n_groups = int(run_group[-1]) + 1
-
+    run_is_group_start = new_group[new_run]
     neg_before = torch.cumsum(neg_run, 0) - neg_run  # negatives in earlier runs, any group
-    group_base = neg_before[run_is_group_start]  # ... before each group's first run
-    neg_below = neg_before - group_base[run_group]
+    run_group = torch.cumsum(run_is_group_start.long(), 0) - 1
+    neg_below = neg_before - neg_before[run_is_group_start][run_group]  # ... of the same group
     won2 = pos_run * (2 * neg_below + neg_run)
 
-    def per_group(x: Tensor) -> Tensor:
-        return torch.zeros(n_groups, dtype=torch.long, device=device).index_add_(0, run_group, x)
-
     group_ids = g[new_group]
-    return group_ids, per_group(won2), per_group(pos_run), per_group(neg_run)
+    return (
+        group_ids,
+        _segment_sum(won2, run_is_group_start),
+        _segment_sum(pos_run, run_is_group_start),
+        _segment_sum(neg_run, run_is_group_start),
+    )
 
 
 # --------------------------------------------------------------------------- AUC
@@ -316,7 +322,7 @@ def _topk_sums(topk_items: RelevantLike, relevant: RelevantLike, ks: tuple[int, 
             sorted_items, perm = items.sort(dim=1, stable=True)
             dup_sorted = torch.zeros_like(hits)
             dup_sorted[:, 1:] = sorted_items[:, 1:] == sorted_items[:, :-1]
-            hits &= ~torch.zeros_like(hits).scatter(1, perm, dup_sorted)
+            hits &= ~dup_sorted.gather(1, perm.argsort(dim=1))
 
     hits, n_rel = hits[valid], n_rel[valid]
     n_valid = int(valid.sum())

@@ -292,7 +292,11 @@ class DynamicWeightAverage(LossWeighting):
         Raises:
             ValueError: On a wrong number of tasks.
         """
-        losses = torch.as_tensor(mean_task_losses, dtype=torch.float32).detach().reshape(-1).to(self.loss_history)
+        if isinstance(mean_task_losses, Tensor):
+            losses = mean_task_losses.detach()
+        else:
+            losses = torch.stack([torch.as_tensor(x).detach().to(self.loss_history.device) for x in mean_task_losses])
+        losses = losses.reshape(-1).to(self.loss_history)
         if losses.shape[0] != self.n_tasks:
             raise ValueError(f"expected {self.n_tasks} task losses, got {losses.shape[0]}")
         self.loss_history[0] = self.loss_history[1]
@@ -330,8 +334,20 @@ class _ManualWeighting(LossWeighting):
 
     @staticmethod
     def _set_grads(params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) -> None:
+        """Set (not accumulate) ``.grad``; a parameter the losses do not reach gets zeros."""
+        seen: set[int] = set()
         for p, g in zip(params, grads):
-            p.grad = torch.zeros_like(p) if g is None else g.detach().to(p.dtype).view_as(p).clone()
+            if g is None:
+                p.grad = torch.zeros_like(p)
+                continue
+            g = g.detach().to(p.dtype).view_as(p)
+            # autograd may hand out expanded (stride-0) or shared tensors: copy those so that
+            # in-place gradient clipping or optimizer updates touch exactly one parameter's grad.
+            if g.numel() > 0 and (not g.is_contiguous() or g.data_ptr() in seen):
+                g = g.clone(memory_format=torch.contiguous_format)
+            if g.numel() > 0:
+                seen.add(g.data_ptr())
+            p.grad = g
 
     @staticmethod
     def _reduce_present(grads: list[Tensor | None], reduce_fn: ReduceFn | None) -> list[Tensor | None]:
@@ -436,8 +452,9 @@ class GradNorm(_ManualWeighting):
         last = list(last_shared_layer_params)
 
         with torch.no_grad():
-            values = torch.stack([x.detach().float() for x in losses]).to(self.task_weights.device)
-            values = _reduce_tensors([values], reduce_fn)[0]
+            # Reduce where the losses live (NCCL needs CUDA tensors), keep the state on the buffers' device.
+            values = torch.stack([x.detach().float() for x in losses])
+            values = _reduce_tensors([values], reduce_fn)[0].to(self.task_weights.device)
             if not bool(self.initialized):
                 self.initial_losses.copy_(values)
                 self.initialized.fill_(True)
@@ -496,9 +513,12 @@ class MetaBalance(_ManualWeighting):
 
     Task-specific parameters get the gradient of ``sum_i L_i``. A task that
     does not reach ``p`` (gradient None) is skipped for ``p`` (its moving
-    average is not updated); if the *target* does not reach ``p`` the
-    auxiliary gradients of ``p`` are left unscaled. Under DDP every gradient
-    is averaged with ``reduce_fn`` before its norm is taken.
+    average is not updated). While the target's moving average for ``p`` is
+    still 0 (it has never reached ``p``, e.g. ``p`` feeds only auxiliary
+    towers) the auxiliary gradients of ``p`` are left unscaled instead of
+    shrunk to ``(1 - r) g``; this also makes a stacked ``(T,)`` loss tensor
+    (zero gradients) behave like a list (None gradients). Under DDP every
+    gradient is averaged with ``reduce_fn`` before its norm is taken.
 
     Differences from Torch-RecHub 0.9.0's optimizer: ``continue`` instead of
     ``break`` on a missing gradient, a configurable target task, moving
@@ -584,7 +604,7 @@ class MetaBalance(_ManualWeighting):
 
             t = self.target_task
             r = self.relax_factor
-            scalable = present & present[:, t : t + 1] & (ema > 0)
+            scalable = present & present[:, t : t + 1] & (ema > 0) & (ema[:, t : t + 1] > 0)
             factor = torch.where(scalable, ema[:, t : t + 1] / ema.where(ema > 0, torch.ones_like(ema)) * r + (1 - r), 1.0)
             factor[:, t] = 1.0
             factor_host = factor.tolist()

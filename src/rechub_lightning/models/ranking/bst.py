@@ -87,7 +87,8 @@ class BST(RecModel):
         seq = torch.cat([hist, target.unsqueeze(1)], dim=1)  # candidate last
         if seq.shape[1] > self.max_seq_len:
             raise ValueError(f"BST: sequence length {seq.shape[1]} (history + 1) exceeds max_seq_len={self.max_seq_len}")
-        seq = seq + self.pos_embedding.weight[: seq.shape[1]]
+        # Through the module (not .weight) so the table can take row-sparse gradients.
+        seq = seq + self.pos_embedding(torch.arange(seq.shape[1], device=seq.device))
         key_padding = torch.cat([padding, padding.new_zeros(padding.shape[0], 1)], dim=1)  # type: ignore[union-attr]
         for block in self.transformer_layers:
             seq = block(seq, key_padding)

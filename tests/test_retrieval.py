@@ -1,0 +1,174 @@
+"""Exact top-K search against full-matrix references; the faiss index against the exact one."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from rechub_lightning.retrieval import ExactIndex, FaissIndex, build_index, topk_search
+
+
+def ref_topk(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top k per row by (score descending, column ascending), with numpy."""
+    s = scores.numpy()
+    cols = np.arange(s.shape[1])
+    rows = [np.lexsort((cols, -row))[:k] for row in s]
+    idx = np.stack(rows)
+    return np.take_along_axis(s, idx, 1), idx
+
+
+def tied_embeddings(n_users: int, n_items: int, dim: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Small-integer embeddings: exact float scores with many ties."""
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randint(-2, 3, (n_users, dim), generator=g).float(),
+        torch.randint(-2, 3, (n_items, dim), generator=g).float(),
+    )
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
+def test_topk_search_matches_full_topk(chunk_size: int) -> None:
+    users, items = torch.randn(50, 16), torch.randn(300, 16)
+    scores, ids = topk_search(users, items, k=20, chunk_size=chunk_size)
+    full_vals, full_idx = torch.topk(users @ items.T, 20, dim=1)
+    assert ids.dtype == torch.long
+    assert torch.equal(ids, full_idx)
+    torch.testing.assert_close(scores, full_vals)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 33, 1000])
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_topk_search_ties_lower_index_first(chunk_size: int, k: int) -> None:
+    users, items = tied_embeddings(33, 40)
+    want_scores, want_idx = ref_topk(users @ items.T, k)
+    scores, ids = topk_search(users, items, k=k, chunk_size=chunk_size)
+    assert np.array_equal(ids.numpy(), want_idx)
+    assert np.array_equal(scores.numpy(), want_scores)
+
+
+def test_topk_search_k_larger_than_corpus() -> None:
+    users, items = tied_embeddings(6, 5, seed=1)
+    scores, ids = topk_search(users, items, k=50, chunk_size=4)
+    assert ids.shape == (6, 5) and scores.shape == (6, 5)
+    want_scores, want_idx = ref_topk(users @ items.T, 5)
+    assert np.array_equal(ids.numpy(), want_idx)
+    assert all(sorted(row) == list(range(5)) for row in ids.tolist())
+
+
+@pytest.mark.parametrize("form", ["lists", "csr"])
+@pytest.mark.parametrize("chunk_size", [1, 4, 100])
+def test_topk_search_excludes(form: str, chunk_size: int) -> None:
+    users, items = tied_embeddings(10, 25, seed=2)
+    rng = np.random.default_rng(0)
+    excluded = [sorted(rng.choice(25, size=int(rng.integers(0, 8)), replace=False).tolist()) for _ in range(10)]
+    excluded[3] = []
+    if form == "lists":
+        exclude: object = excluded
+    else:
+        indptr = torch.tensor([0] + np.cumsum([len(e) for e in excluded]).tolist())
+        exclude = (indptr, torch.tensor([i for e in excluded for i in e], dtype=torch.long))
+    full = users @ items.T
+    for u, e in enumerate(excluded):
+        full[u, e] = float("-inf")
+    want_scores, want_idx = ref_topk(full, 10)
+    scores, ids = topk_search(users, items, k=10, chunk_size=chunk_size, exclude=exclude)  # type: ignore[arg-type]
+    assert np.array_equal(ids.numpy(), want_idx)
+    assert np.array_equal(scores.numpy(), want_scores)
+    for u, e in enumerate(excluded):
+        assert not set(e) & set(ids[u].tolist())
+
+
+def test_topk_search_exclusion_leaves_fewer_than_k() -> None:
+    users, items = torch.randn(2, 4), torch.randn(5, 4)
+    scores, ids = topk_search(users, items, k=4, exclude=[[0, 1, 2], []], item_ids=torch.arange(100, 105))
+    assert sorted(ids[0, :2].tolist()) == [103, 104]
+    assert ids[0, 2:].tolist() == [-1, -1]
+    assert torch.isinf(scores[0, 2:]).all() and (scores[0, 2:] < 0).all()
+    assert (ids[1] >= 100).all()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+def test_topk_search_multi_interest_max(chunk_size: int) -> None:
+    g = torch.Generator().manual_seed(3)
+    users, items = torch.randn(9, 4, 8, generator=g), torch.randn(120, 8, generator=g)
+    full = torch.einsum("uid,nd->uin", users, items).amax(1)
+    want_vals, want_idx = torch.topk(full, 15, dim=1)
+    scores, ids = topk_search(users, items, k=15, chunk_size=chunk_size)
+    assert torch.equal(ids, want_idx)
+    torch.testing.assert_close(scores, want_vals)
+
+
+def test_topk_search_item_ids_mapping() -> None:
+    users, items = torch.randn(7, 6), torch.randn(40, 6)
+    item_ids = torch.randperm(40) * 10 + 3
+    _, rows = topk_search(users, items, k=8)
+    scores, ids = topk_search(users, items, k=8, item_ids=item_ids)
+    assert torch.equal(ids, item_ids[rows])
+
+
+def test_topk_search_rejects_bad_input() -> None:
+    users, items = torch.randn(3, 4), torch.randn(10, 4)
+    with pytest.raises(ValueError, match="k must"):
+        topk_search(users, items, k=0)
+    with pytest.raises(ValueError, match="item_emb"):
+        topk_search(users, torch.randn(10, 5), k=2)
+    with pytest.raises(ValueError, match="outside"):
+        topk_search(users, items, k=2, exclude=[[10], [], []])
+    with pytest.raises(ValueError, match="rows"):
+        topk_search(users, items, k=2, exclude=[[1]])
+    with pytest.raises(ValueError, match="indptr"):
+        topk_search(users, items, k=2, exclude=(torch.tensor([0, 1]), torch.tensor([1])))
+
+
+def test_exact_index_add_and_search() -> None:
+    users, items = torch.randn(11, 8), torch.randn(60, 8)
+    ids = torch.arange(60) + 1000
+    index = build_index("exact", chunk_size=4)
+    assert isinstance(index, ExactIndex)
+    index.add(items[:25], item_ids=ids[:25])
+    index.add(items[25:], item_ids=ids[25:])
+    assert len(index) == 60
+    want = topk_search(users, items, k=10, item_ids=ids, exclude=[[0, 30]] * 11)
+    got = index.search(users, k=10, exclude=[[0, 30]] * 11)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0])
+    # default ids are running positions across adds
+    plain = ExactIndex()
+    plain.add(items[:25])
+    plain.add(items[25:])
+    assert torch.equal(plain.search(users, k=10)[1], topk_search(users, items, k=10)[1])
+
+
+def test_build_index_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="kind"):
+        build_index("annoy")  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="empty"):
+        ExactIndex().search(torch.randn(2, 3), k=1)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
+    with pytest.raises(ImportError, match=r"pip install rechub-lightning\[ann\]"):
+        build_index("faiss")
+
+
+@pytest.mark.parametrize("nlist", [None, 4])
+def test_faiss_index_matches_exact(nlist: int | None) -> None:
+    pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(4)
+    users, items = torch.randn(20, 16, generator=g), torch.randn(200, 16, generator=g)
+    ids = torch.arange(200) * 3
+    # nprobe = nlist: every cell is visited, so IVF is exact too
+    index = FaissIndex(nlist=nlist, nprobe=nlist or 1)
+    index.add(items[:120], item_ids=ids[:120])
+    index.add(items[120:], item_ids=ids[120:])
+    assert len(index) == 200
+    exclude = [list(range(u, 200, 17)) for u in range(20)]
+    for user_emb in (users, torch.randn(20, 3, 16, generator=g)):
+        for ex in (None, exclude):
+            want_scores, want_ids = topk_search(user_emb, items, k=10, item_ids=ids, exclude=ex)
+            got_scores, got_ids = index.search(user_emb, k=10, exclude=ex)
+            assert torch.equal(got_ids, want_ids)
+            torch.testing.assert_close(got_scores, want_scores, atol=1e-4, rtol=1e-5)
+    # k larger than the corpus
+    assert index.search(users, k=500)[1].shape == (20, 200)
