@@ -71,3 +71,29 @@ def test_user_csv_with_label_argument(tmp_path, samples):
           "--data.init_args.batch_size=32", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
           f"--trainer.default_root_dir={tmp_path}"])
     assert glob.glob(str(tmp_path / "**" / "last.ckpt"), recursive=True)
+
+
+def test_predict_raw_csv_matches_module_on_encoded_rows(fitted, tmp_path):
+    from rechub_lightning import CTRModule
+    from rechub_lightning.data import CTRDataModule, TensorDictDataset
+    from rechub_lightning.data.preprocessing import Preprocessor
+
+    root, best = fitted
+    raw = CTRDataModule(synthetic_rows=4000, synthetic_max_vocab=500).raw_frame("test").drop(columns=["label"])
+    raw.loc[raw.index[:5], "C3"] = 10**9  # categories never seen in training -> unknown id 0
+    csv = tmp_path / "new.csv"
+    raw.to_csv(csv, index=False)
+    out = tmp_path / "preds.csv"
+    main(["predict", "--config", "configs/ctr/deepfm.yaml", *TINY, f"--trainer.default_root_dir={tmp_path}",
+          f"--ckpt_path={best}", f"--data.init_args.path={csv}", f"--predict_output={out}"])
+    got = pd.read_csv(out)
+    assert list(got["row"]) == list(range(len(raw)))
+
+    ckpt = torch.load(best, weights_only=True)
+    pre = Preprocessor.from_state_dict(ckpt["CTRDataModule"]["preprocessor"])
+    x = TensorDictDataset(pre.transform(pd.read_csv(csv))).x
+    assert (x["C3"][:5] == 0).all()
+    module = CTRModule.load_from_checkpoint(best).eval()
+    with torch.no_grad():
+        expect = torch.sigmoid(module(x)).numpy()
+    assert abs(got["pred_label"].to_numpy() - expect).max() < 1e-6

@@ -10,13 +10,16 @@ configs never repeat vocabulary sizes. For ``validate``/``test``/``predict`` wit
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
 from .modules.base import RecModule
+from .prediction import PredictionWriter
 
 __all__ = ["RecHubCLI", "main"]
 
@@ -28,6 +31,27 @@ class RecHubCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.schema", "model.init_args.model.init_args.schema", apply_on="instantiate")
+        parser.add_argument(
+            "--predict_output",
+            type=Optional[str],
+            default=None,
+            help="predict only: file for the predictions (.csv or .parquet); default <default_root_dir>/predictions.csv",
+        )
+        parser.add_argument(
+            "--predict_id_columns",
+            type=list[str],
+            default=[],
+            help="predict only: raw input columns copied next to the predictions (e.g. [user_id])",
+        )
+
+    def before_predict(self) -> None:
+        if any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
+            return
+        cfg = self.config[self.config.subcommand]
+        output = cfg.get("predict_output") or os.path.join(self.trainer.default_root_dir, "predictions.csv")
+        labels = list(getattr(getattr(self.datamodule, "schema", None), "labels", []) or [])
+        columns = [f"pred_{label}" for label in labels] or None
+        self.trainer.callbacks.append(PredictionWriter(output, columns, cfg.get("predict_id_columns") or ()))
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would merge the checkpoint's hyper-parameters into the config. Ours hold the

@@ -491,7 +491,7 @@ def generate_seq_feature(
     # One negative per event (the reference draws len(pos_list) per user, using 1..len-1).
     hist_keys = np.unique(uidx * (n_items + 1) + item_k)
     n_distinct = np.bincount(hist_keys // (n_items + 1), minlength=n_users) if len(hist_keys) else np.zeros(n_users, np.int64)
-    neg_k = _draw_history_negatives(rng, lens, hist_keys, n_distinct, n_items, np.asarray(user_uniques)[uids - 1])
+    neg_k = _draw_history_negatives(rng, lens, hist_keys, n_distinct, n_items, np.asarray(user_uniques)[uids - 1].tolist())
 
     pos_in_user = np.arange(len(item_k), dtype=np.int64) - np.repeat(starts, lens)
     user_len = np.repeat(lens, lens)

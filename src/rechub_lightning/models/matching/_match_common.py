@@ -29,6 +29,7 @@ __all__ = [
     "TOWER_MODES",
     "tower_params",
     "check_temperature",
+    "resolve_group",
     "resolve_optional",
     "resolve_single",
     "schema_history",
@@ -122,12 +123,21 @@ def _as_schema(schema: Any) -> FeatureSchema | None:
     return schema
 
 
+def resolve_group(value: Any, schema: FeatureSchema | None, group: str, arg: str) -> list[Feature]:
+    """:func:`resolve_features` defaulting to a schema *group* (even when a feature has the
+    group's name, as ``neg_items`` does)."""
+    schema = _as_schema(schema)
+    if value is None and schema is not None and group in schema.groups:
+        return schema.group(group)
+    return resolve_features(value, schema, group, arg)
+
+
 def resolve_optional(value: Any, schema: FeatureSchema | None, group: str, arg: str) -> list[Feature]:
-    """Like :func:`resolve_features`, but an absent schema group gives ``[]`` instead of an error."""
+    """Like :func:`resolve_group`, but an absent schema group gives ``[]`` instead of an error."""
     schema = _as_schema(schema)
     if value is None and (schema is None or group not in schema.groups):
         return []
-    return resolve_features(value, schema, group, arg)
+    return resolve_group(value, schema, group, arg)
 
 
 def resolve_single(value: Any, schema: FeatureSchema | None, default: Feature | None, arg: str) -> Feature | None:

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...features import Feature, FeatureSchema, resolve_features
+from ...features import Feature, FeatureSchema
 from ...layers import MLP, EmbeddingLayer
 from ._match_common import (
+    resolve_group,
     MatchModel,
     check_temperature,
     dot_logits,
@@ -72,8 +73,8 @@ class DSSM(MatchModel):
         schema: FeatureSchema | None = None,
     ) -> None:
         super().__init__()
-        self.user_features = resolve_features(user_features, schema, "user", "user_features")
-        self.item_features = resolve_features(item_features, schema, "item", "item_features")
+        self.user_features = resolve_group(user_features, schema, "user", "user_features")
+        self.item_features = resolve_group(item_features, schema, "item", "item_features")
         self.neg_item_features = resolve_optional(neg_item_features, schema, "neg_items", "neg_item_features")
         self.temperature = check_temperature(temperature)
         self._build(user_params, item_params, strict=neg_item_features is not None)

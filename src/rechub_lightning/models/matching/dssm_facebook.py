@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ...features import Feature, FeatureSchema, resolve_features
-from ._match_common import check_temperature, resolve_optional
+from ...features import Feature, FeatureSchema
+from ._match_common import resolve_group, check_temperature, resolve_optional
 from .dssm import DSSM
 
 __all__ = ["FaceBookDSSM"]
@@ -51,8 +51,8 @@ class FaceBookDSSM(DSSM):
         schema: FeatureSchema | None = None,
     ) -> None:
         super(DSSM, self).__init__()
-        self.user_features = resolve_features(user_features, schema, "user", "user_features")
-        self.item_features = resolve_features(pos_item_features, schema, "item", "pos_item_features")
+        self.user_features = resolve_group(user_features, schema, "user", "user_features")
+        self.item_features = resolve_group(pos_item_features, schema, "item", "pos_item_features")
         self.neg_item_features = resolve_optional(neg_item_features, schema, "neg_items", "neg_item_features")
         if not self.neg_item_features:
             raise ValueError(

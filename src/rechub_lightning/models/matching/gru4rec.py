@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import rnn as rnn_utils
 
-from ...features import Feature, FeatureSchema, SequenceFeature, resolve_features
+from ...features import Feature, FeatureSchema, SequenceFeature
 from ...layers import MLP, EmbeddingLayer
 from ...layers.sequence import left_align
 from ._match_common import (
+    resolve_group,
     MatchModel,
     check_temperature,
     dot_logits,
@@ -71,19 +72,19 @@ class GRU4Rec(MatchModel):
     ) -> None:
         super().__init__()
         if user_features is None and schema is not None:
-            self.user_features = [f for f in resolve_features(None, schema, "user", "user_features") if not isinstance(f, SequenceFeature)]
+            self.user_features = [f for f in resolve_group(None, schema, "user", "user_features") if not isinstance(f, SequenceFeature)]
         else:
-            self.user_features = resolve_features(user_features, schema, "user", "user_features")
+            self.user_features = resolve_group(user_features, schema, "user", "user_features")
         if history_features is None and schema is not None:
-            self.history_features = [f for f in resolve_features(None, schema, "user", "history_features") if isinstance(f, SequenceFeature)]
+            self.history_features = [f for f in resolve_group(None, schema, "user", "history_features") if isinstance(f, SequenceFeature)]
         else:
-            self.history_features = resolve_features(history_features, schema, "user", "history_features")
+            self.history_features = resolve_group(history_features, schema, "user", "history_features")
         if not self.history_features:
             raise ValueError("GRU4Rec needs at least one history (sequence) feature")
         if item_features is None and schema is not None:
             self.item_features = [schema_item_id(schema, "item_features")]
         else:
-            self.item_features = resolve_features(item_features, schema, "item", "item_features")
+            self.item_features = resolve_group(item_features, schema, "item", "item_features")
         self.neg_item_feature = resolve_optional(neg_item_feature, schema, "neg_items", "neg_item_feature")
         self.neg_pairs = pair_negatives(
             self.item_features, self.neg_item_feature, "neg_item_feature", strict=neg_item_feature is not None

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...features import Feature, FeatureSchema, resolve_features
+from ...features import Feature, FeatureSchema
 from ...layers import MLP, EmbeddingLayer
 from ._match_common import (
+    resolve_group,
     MatchModel,
     check_temperature,
     dot_logits,
@@ -61,11 +62,11 @@ class YoutubeDNN(MatchModel):
         schema: FeatureSchema | None = None,
     ) -> None:
         super().__init__()
-        self.user_features = resolve_features(user_features, schema, "user", "user_features")
+        self.user_features = resolve_group(user_features, schema, "user", "user_features")
         if item_features is None and schema is not None:
             self.item_features = [schema_item_id(schema, "item_features")]
         else:
-            self.item_features = resolve_features(item_features, schema, "item", "item_features")
+            self.item_features = resolve_group(item_features, schema, "item", "item_features")
         self.neg_item_feature = resolve_optional(neg_item_feature, schema, "neg_items", "neg_item_feature")
         self.neg_pairs = pair_negatives(
             self.item_features, self.neg_item_feature, "neg_item_feature", strict=neg_item_feature is not None

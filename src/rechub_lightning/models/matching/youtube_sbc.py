@@ -9,10 +9,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...features import Feature, FeatureSchema, resolve_features
+from ...features import Feature, FeatureSchema
 from ...layers import MLP, EmbeddingLayer
 from ...losses import masked_fill_value
-from ._match_common import MatchModel, check_temperature, resolve_optional, total_dim, tower_params
+from ._match_common import resolve_group, MatchModel, check_temperature, resolve_optional, total_dim, tower_params
 
 __all__ = ["YoutubeSBC"]
 
@@ -62,8 +62,8 @@ class YoutubeSBC(MatchModel):
         schema: FeatureSchema | None = None,
     ) -> None:
         super().__init__()
-        self.user_features = resolve_features(user_features, schema, "user", "user_features")
-        self.item_features = resolve_features(item_features, schema, "item", "item_features")
+        self.user_features = resolve_group(user_features, schema, "user", "user_features")
+        self.item_features = resolve_group(item_features, schema, "item", "item_features")
         self.sample_weight_feature = resolve_optional(sample_weight_feature, schema, "sample_weight", "sample_weight_feature")
         if len(self.sample_weight_feature) != 1:
             raise ValueError(

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...features import DenseFeature, Feature, FeatureSchema, SparseFeature, is_feature, resolve_features
+from ...features import DenseFeature, Feature, FeatureSchema, Pretrained, SparseFeature, is_feature, resolve_features
 from ...layers import FFM, MLP, EmbeddingLayer
 from ..base import RecModel
 from ._common import mlp_kwargs, total_dim
@@ -52,7 +52,16 @@ def ffm_inputs(
         raise ValueError("cross_features: need at least two fields to cross")
     if not _explicit(cross_features):
         width = embed_dim if embed_dim is not None else cross[0].embed_dim
-        cross = [SparseFeature(f.name, f.vocab_size * len(cross), width, initializer=f.initializer) for f in cross]
+        cross = [
+            SparseFeature(
+                f.name,
+                f.vocab_size * len(cross),
+                width,
+                # pretrained rows have the raw column's shape, not the field-aware table's
+                initializer=None if isinstance(f.initializer, Pretrained) else f.initializer,
+            )
+            for f in cross
+        ]
     widths = {f.embed_dim for f in cross}
     if len(widths) != 1:
         raise ValueError(f"cross_features must share one embed_dim, got {sorted(widths)}")

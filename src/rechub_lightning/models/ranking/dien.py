@@ -66,8 +66,10 @@ class DIEN(RecModel):
     ) -> None:
         super().__init__()
         self.alpha = float(alpha)
+        if isinstance(schema, dict):
+            schema = FeatureSchema.from_dict(schema)
         if neg_history_features is None:
-            has_group = schema is not None and NEG_HISTORY_GROUP in getattr(schema, "groups", {})
+            has_group = schema is not None and NEG_HISTORY_GROUP in schema.groups
             negs = resolve_features(NEG_HISTORY_GROUP, schema, NEG_HISTORY_GROUP, "neg_history_features") if has_group else []
         else:
             negs = resolve_features(neg_history_features, schema, NEG_HISTORY_GROUP, "neg_history_features")

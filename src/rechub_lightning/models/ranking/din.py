@@ -40,6 +40,8 @@ def resolve_sequence_inputs(
     Raises:
         ValueError: when a default cannot be derived or the pairing does not hold.
     """
+    if isinstance(schema, dict):
+        schema = FeatureSchema.from_dict(schema)
     if history_features is None and schema is not None:
         names = [f.name for f in schema.sequence if f.name not in exclude]
         if not names:
