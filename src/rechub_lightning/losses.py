@@ -447,6 +447,16 @@ class RegularizationLoss(nn.Module):
                 total = term if total is None else total + term
         return torch.zeros(()) if total is None else total
 
+    def __getstate__(self) -> dict:
+        # The weak cache cannot be pickled (ddp_spawn, deepcopy); it is rebuilt on first use.
+        state = self.__dict__.copy()
+        state["_partitions"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._partitions = weakref.WeakKeyDictionary()
+
     def extra_repr(self) -> str:
         return (
             f"embedding_l1={self.embedding_l1}, embedding_l2={self.embedding_l2}, "

@@ -5,7 +5,17 @@ from .ctr import CTRDataModule
 from .datasets import ShuffledBatchSampler, TensorDictDataset, UnrepeatedBatchSampler, make_dataloader
 from .generator import DataGenerator, MatchDataGenerator
 from .preprocessing import CategoryEncoder, DenseScaler, Preprocessor
+from .sequence import (
+    df_to_dict,
+    gen_model_input,
+    generate_seq_feature,
+    generate_seq_feature_match,
+    neg_sample,
+    negative_sample,
+    pad_sequences,
+)
 from .synthetic import make_criteo_like
+from .synthetic_seq import make_amazon_like, make_census_like, make_movielens_like
 
 __all__ = [
     "CTRDataModule",
@@ -20,6 +30,16 @@ __all__ = [
     "DenseScaler",
     "Preprocessor",
     "make_criteo_like",
+    "make_amazon_like",
+    "make_movielens_like",
+    "make_census_like",
+    "pad_sequences",
+    "generate_seq_feature",
+    "generate_seq_feature_match",
+    "gen_model_input",
+    "df_to_dict",
+    "neg_sample",
+    "negative_sample",
     "read_table",
     "as_frame",
 ]

@@ -118,6 +118,8 @@ class TabularDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 2022,
         preprocessing_from: str | None = None,
+        sequence_pad_value: Any = None,
+        groups: dict[str, list[str]] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -148,12 +150,14 @@ class TabularDataModule(L.LightningDataModule):
                 raise ValueError("the training split is empty; give more rows or a larger split_ratio[0]")
             sparse, dense, seq = self._infer_columns(train, sparse_features, dense_features, sequence_features, ignore_columns)
             self.preprocessor = Preprocessor(
-                sparse, dense, seq, min_freq=min_freq, dense_scaling=dense_scaling, encode=preprocess, max_len=max_len
+                sparse, dense, seq, min_freq=min_freq, dense_scaling=dense_scaling, encode=preprocess, max_len=max_len,
+                sequence_pad_value=sequence_pad_value,
             ).fit(train)
             for name in ("val", "test", "all"):
                 if frames.get(name) is not None:
                     self.preprocessor.check_dtypes(frames[name], f"{name} data")
-        self.schema: FeatureSchema = self.preprocessor.schema(self.labels, embed_dim)
+        self._groups = groups
+        self.schema: FeatureSchema = self.preprocessor.schema(self.labels, embed_dim, groups)
 
     # ------------------------------------------------------------------ sources
     def default_frame(self) -> pd.DataFrame:  # pragma: no cover - abstract
@@ -163,6 +167,8 @@ class TabularDataModule(L.LightningDataModule):
         if path is not None and data is not None:
             raise ValueError("give either path or data, not both")
         whole = as_frame(data) if data is not None else read_table(path) if path is not None else self.default_frame()
+        if isinstance(whole, dict):  # a default data set that comes split already
+            return {**whole, "all": pd.concat([whole[k] for k in ("train", "val", "test") if whole.get(k) is not None], ignore_index=True)}
         if val_path is not None or test_path is not None:
             return {
                 "train": whole,
@@ -299,5 +305,5 @@ class TabularDataModule(L.LightningDataModule):
         pre = Preprocessor.from_state_dict(state_dict["preprocessor"])
         if pre.state_dict() != self.preprocessor.state_dict():
             self.preprocessor = pre
-            self.schema = pre.schema(self.labels, self.embed_dim)
+            self.schema = pre.schema(self.labels, self.embed_dim, self._groups)
             self._datasets.clear()

@@ -8,7 +8,11 @@ from typing import Any
 import pandas as pd
 
 from .base import TabularDataModule
+from .sequence import generate_seq_feature
 from .synthetic import make_criteo_like
+from .synthetic_seq import make_amazon_like
+
+_SYNTHETIC = ("criteo", "amazon")
 
 __all__ = ["CTRDataModule"]
 
@@ -16,8 +20,13 @@ __all__ = ["CTRDataModule"]
 class CTRDataModule(TabularDataModule):
     """Click-through-rate data: one binary label, sparse/dense/sequence features.
 
-    With no ``path`` and no ``data`` it uses the embedded Criteo-shaped synthetic data set
-    (:func:`~rechub_lightning.data.synthetic.make_criteo_like`), so it works offline.
+    With no ``path`` and no ``data`` it uses an embedded synthetic data set, so it works offline:
+    ``synthetic="criteo"`` (default; :func:`~rechub_lightning.data.synthetic.make_criteo_like`:
+    13 dense + 26 sparse fields) or ``synthetic="amazon"`` (behaviour sequences for DIN/DIEN/BST:
+    :func:`~rechub_lightning.data.synthetic_seq.make_amazon_like` turned into samples by
+    :func:`~rechub_lightning.data.sequence.generate_seq_feature`; features ``user_id``,
+    ``target_item_id``, ``target_cate_id`` and the histories ``hist_item_id``/``hist_cate_id``
+    sharing the target tables; schema groups ``user``, ``target``, ``history``).
 
     Args:
         path: CSV/TSV/Parquet file with features and the label.
@@ -43,7 +52,8 @@ class CTRDataModule(TabularDataModule):
         eval_batch_size: validation/test/predict batch size (default: ``batch_size``).
         num_workers: DataLoader workers (0 is fastest for in-memory tensors).
         seed: split and shuffling seed.
-        synthetic_rows: rows of the default synthetic data set.
+        synthetic: which embedded data set to use without ``path``/``data``: ``criteo`` or ``amazon``.
+        synthetic_rows: rows of the default Criteo-shaped data set (``amazon``: number of users / 10).
         synthetic_max_vocab: largest field's vocabulary in the default data set.
         preprocessing_from: a checkpoint whose fitted preprocessing to reuse instead of fitting.
 
@@ -75,17 +85,32 @@ class CTRDataModule(TabularDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 2022,
+        synthetic: str = "criteo",
         synthetic_rows: int = 100_000,
         synthetic_max_vocab: int = 10_000,
         preprocessing_from: str | None = None,
     ) -> None:
+        if synthetic not in _SYNTHETIC:
+            raise ValueError(f"synthetic={synthetic!r} is not one of {_SYNTHETIC}")
         self.task_types = ["classification"]
-        self._synthetic = (synthetic_rows, synthetic_max_vocab)
+        self._synthetic = (synthetic, synthetic_rows, synthetic_max_vocab, max_len)
+        pad_value, groups = None, None
         if path is None and data is None and sparse_features is None and dense_features is None:
-            sparse_features = [f"C{i}" for i in range(1, 27)]
-            dense_features = [f"I{i}" for i in range(1, 14)]
-            if dense_scaling == "standard":
-                dense_scaling = "log"  # counts are heavy-tailed
+            if synthetic == "criteo":
+                sparse_features = [f"C{i}" for i in range(1, 27)]
+                dense_features = [f"I{i}" for i in range(1, 14)]
+                if dense_scaling == "standard":
+                    dense_scaling = "log"  # counts are heavy-tailed
+            else:
+                sparse_features = ["user_id", "target_item_id", "target_cate_id"]
+                dense_features = []
+                sequence_features = {"hist_item_id": "target_item_id", "hist_cate_id": "target_cate_id"}
+                pad_value = 0
+                groups = {
+                    "user": ["user_id"],
+                    "target": ["target_item_id", "target_cate_id"],
+                    "history": ["hist_item_id", "hist_cate_id"],
+                }
         self.save_hyperparameters(ignore=["data"])
         super().__init__(
             path=path, data=data, labels=[label], val_path=val_path, test_path=test_path, predict_path=predict_path,
@@ -93,8 +118,15 @@ class CTRDataModule(TabularDataModule):
             ignore_columns=ignore_columns, embed_dim=embed_dim, min_freq=min_freq, dense_scaling=dense_scaling,
             preprocess=preprocess, max_len=max_len, split_ratio=split_ratio, batch_size=batch_size,
             eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed, preprocessing_from=preprocessing_from,
+            sequence_pad_value=pad_value, groups=groups,
         )
 
-    def default_frame(self) -> pd.DataFrame:
-        rows, vocab = self._synthetic
-        return make_criteo_like(n_rows=rows, max_vocab=vocab, seed=self.seed)
+    def default_frame(self) -> pd.DataFrame | dict[str, pd.DataFrame]:
+        kind, rows, vocab, max_len = self._synthetic
+        if kind == "criteo":
+            return make_criteo_like(n_rows=rows, max_vocab=vocab, seed=self.seed)
+        events = make_amazon_like(n_users=max(rows // 10, 50), seed=self.seed)
+        train, val, test = generate_seq_feature(
+            events, "user_id", "item_id", "time", item_attribute_cols=["cate_id"], max_len=max_len, seed=self.seed
+        )
+        return {"train": train, "val": val, "test": test}

@@ -174,15 +174,18 @@ def _as_numeric_column(df: pd.DataFrame, col: str) -> np.ndarray:
     return v
 
 
-def _split_sequence(values: pd.Series, sep: str) -> list[list[Any]]:
+def _split_sequence(values: pd.Series, sep: str, pad: Any = None) -> list[list[Any]]:
     out = []
     for v in values.tolist():
         if isinstance(v, str):
-            out.append([t for t in v.split(sep) if t != ""])
+            seq = [t for t in v.split(sep) if t != ""]
         elif v is None or (isinstance(v, float) and np.isnan(v)):
-            out.append([])
+            seq = []
         else:
-            out.append(list(v))
+            seq = list(v)
+        if pad is not None:
+            seq = [t for t in seq if t != pad]
+        out.append(seq)
     return out
 
 
@@ -200,6 +203,9 @@ class Preprocessor:
         encode: ``False`` when the categorical columns already hold ids (then vocabulary
             sizes must be given through ``vocab_sizes`` or are taken as ``max + 1``).
         max_len: padded length of sequences (post-padding, keeping the most recent items).
+        sequence_sep: separator of sequences stored as strings (``"3|17|5"``).
+        sequence_pad_value: a value that marks padding inside list-valued input (e.g. 0 in
+            the output of :func:`generate_seq_feature`); it is dropped before encoding.
     """
 
     def __init__(
@@ -213,6 +219,7 @@ class Preprocessor:
         vocab_sizes: Mapping[str, int] | None = None,
         max_len: int = 50,
         sequence_sep: str = "|",
+        sequence_pad_value: Any = None,
     ) -> None:
         self.sparse = list(sparse)
         self.dense = list(dense)
@@ -225,6 +232,7 @@ class Preprocessor:
         self.vocab_sizes = dict(vocab_sizes or {})
         self.max_len = int(max_len)
         self.sequence_sep = sequence_sep
+        self.sequence_pad_value = sequence_pad_value
         self.encoders: dict[str, CategoryEncoder] = {}
         self.scalers: dict[str, DenseScaler] = {}
         self.fitted = False
@@ -251,10 +259,16 @@ class Preprocessor:
             self.scalers[col] = DenseScaler(self.dense_scaling).fit(_as_numeric_column(df, col))
         if self.encode:
             for col in self.sparse:
-                self.encoders[col] = CategoryEncoder(self.min_freq).fit(df[col])
+                # A vocabulary shared with sequences (target item / item history) covers both.
+                values = df[col]
+                sharing = [c for c, owner in self.sequence.items() if owner == col]
+                if sharing:
+                    flat = [t for c in sharing for seq in self._seqs(df[c]) for t in seq]
+                    values = pd.concat([values, pd.Series(flat, dtype=values.dtype if flat else None)], ignore_index=True)
+                self.encoders[col] = CategoryEncoder(self.min_freq).fit(values)
             for col, shared in self.sequence.items():
                 if shared is None:
-                    flat = [t for seq in _split_sequence(df[col], self.sequence_sep) for t in seq]
+                    flat = [t for seq in self._seqs(df[col]) for t in seq]
                     self.encoders[col] = CategoryEncoder(self.min_freq).fit(pd.Series(flat))
                 elif shared not in self.encoders:
                     raise ValueError(f"sequence feature {col!r} shares the vocabulary of {shared!r}, which is not a sparse feature")
@@ -264,10 +278,13 @@ class Preprocessor:
                     self.vocab_sizes[col] = int(pd.to_numeric(df[col]).max()) + 1
             for col, shared in self.sequence.items():
                 if shared is None and col not in self.vocab_sizes:
-                    flat = [t for seq in _split_sequence(df[col], self.sequence_sep) for t in seq]
+                    flat = [t for seq in self._seqs(df[col]) for t in seq]
                     self.vocab_sizes[col] = int(max(flat, default=0)) + 1
         self.fitted = True
         return self
+
+    def _seqs(self, values: pd.Series) -> list[list[Any]]:
+        return _split_sequence(values, self.sequence_sep, self.sequence_pad_value)
 
     def vocab_size(self, col: str) -> int:
         owner = self.sequence.get(col) or col
@@ -288,7 +305,7 @@ class Preprocessor:
             else:
                 out[col] = _as_numeric_column(df, col).astype(np.int64)
         for col, shared in self.sequence.items():
-            seqs = _split_sequence(df[col], self.sequence_sep)
+            seqs = self._seqs(df[col])
             arr = np.zeros((len(seqs), self.max_len), dtype=np.int64)
             enc = self.encoders[shared or col] if self.encode else None
             lengths = np.array([min(len(s), self.max_len) for s in seqs])
@@ -325,6 +342,7 @@ class Preprocessor:
             "vocab_sizes": self.vocab_sizes,
             "max_len": self.max_len,
             "sequence_sep": self.sequence_sep,
+            "sequence_pad_value": self.sequence_pad_value,
             "encoders": {k: v.state_dict() for k, v in self.encoders.items()},
             "scalers": {k: v.state_dict() for k, v in self.scalers.items()},
         }
@@ -334,6 +352,7 @@ class Preprocessor:
         p = cls(
             state["sparse"], state["dense"], state["sequence"], state["min_freq"], state["dense_scaling"],
             state["encode"], state["vocab_sizes"], state["max_len"], state["sequence_sep"],
+            state.get("sequence_pad_value"),
         )
         p.encoders = {k: CategoryEncoder().load_state_dict(v) for k, v in state["encoders"].items()}
         p.scalers = {k: DenseScaler().load_state_dict(v) for k, v in state["scalers"].items()}

@@ -378,6 +378,13 @@ class MTLModule(RecModule):
                 "use precision='bf16-mixed' or '32-true'"
             )
         self._split = None
+        dm = getattr(self.trainer, "datamodule", None)
+        data_types = getattr(dm, "task_types", None)
+        if data_types is not None and list(data_types) != self.task_types:
+            raise ValueError(
+                f"the datamodule's task_types {list(data_types)} (labels {getattr(dm, 'labels', '?')}) do not match "
+                f"the module's task_types {self.task_types}"
+            )
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
