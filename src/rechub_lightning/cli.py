@@ -18,6 +18,9 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from .checkpoint import AtomicCheckpointIO
 from .modules.base import RecModule
 from .prediction import PredictionWriter
 
@@ -43,6 +46,13 @@ class RecHubCLI(LightningCLI):
             default=[],
             help="predict only: raw input columns copied next to the predictions (e.g. [user_id])",
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        # Torn checkpoints are impossible with an atomic write (unless the user chose a CheckpointIO).
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def before_predict(self) -> None:
         if any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):

@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
+from .checkpoint import AtomicCheckpointIO
 from .metrics import BinaryAUC
 from .models.base import returns_logits
 from .modules.base import RecModule, split_batch
@@ -143,6 +144,7 @@ class _FacadeBase:
             "logger": ReferenceLoggerAdapter(self.model_logger) if self.model_logger is not None else False,
             "enable_checkpointing": with_validation,
             "num_sanity_val_steps": 0,
+            "plugins": [AtomicCheckpointIO()],
         }
         cfg.update(self.trainer_kwargs)
         return cfg

@@ -26,6 +26,7 @@ __all__ = [
     "ShuffledBatchSampler",
     "UnrepeatedBatchSampler",
     "make_dataloader",
+    "BatchDataLoader",
     "to_tensor",
 ]
 
@@ -114,6 +115,7 @@ class _BatchSamplerBase(DistributedSampler):
         self._rank = rank
         self.epoch = 0
         self.dataset = None
+        self._skip = 0
 
     @property
     def num_replicas(self) -> int:  # type: ignore[override]
@@ -133,6 +135,10 @@ class _BatchSamplerBase(DistributedSampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def skip_next(self, n_batches: int) -> None:
+        """Skip the first ``n_batches`` of the next iteration only (resuming mid-epoch)."""
+        self._skip = int(n_batches)
 
 
 class ShuffledBatchSampler(_BatchSamplerBase):
@@ -181,7 +187,8 @@ class ShuffledBatchSampler(_BatchSamplerBase):
             order = torch.arange(self.n)
         nb = self._num_batches()
         per_rank = math.ceil(nb / world)
-        for i in range(per_rank):
+        skip, self._skip = self._skip, 0
+        for i in range(skip, per_rank):
             b = (i * world + rank) % nb if nb else 0
             if nb == 0:
                 return
@@ -207,8 +214,61 @@ class UnrepeatedBatchSampler(_BatchSamplerBase):
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         start, end = self._bounds()
-        for s in range(start, end, self.batch_size):
+        skip, self._skip = self._skip, 0
+        for s in range(start + skip * self.batch_size, end, self.batch_size):
             yield torch.arange(s, min(s + self.batch_size, end))
+
+
+class _CountingIterator:
+    def __init__(self, it: Iterator[Any], loader: BatchDataLoader) -> None:
+        self._it = it
+        self._loader = loader
+
+    def __iter__(self) -> _CountingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self._loader._exhausted = True
+            raise
+        self._loader._yielded += 1
+        return batch
+
+    def __len__(self) -> int:
+        return len(self._it)  # type: ignore[arg-type]
+
+
+class BatchDataLoader(DataLoader):
+    """A DataLoader over a batch sampler that can resume in the middle of an epoch.
+
+    Lightning saves ``state_dict()`` in checkpoints and calls ``load_state_dict`` before the
+    first iteration after a restart; the next iteration then skips the batches the training
+    loop had already consumed, so a resumed run sees exactly the batches an uninterrupted run
+    would. (Lightning does not prefetch from loaders with a length, so the batches handed out
+    when a checkpoint is written are the batches consumed.)
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._yielded = 0
+        self._exhausted = False
+        self._resume_skip = 0
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        skip, self._resume_skip = self._resume_skip, 0
+        self.sampler.skip_next(skip)  # type: ignore[union-attr]
+        self._yielded, self._exhausted = skip, False
+        return _CountingIterator(super().__iter__(), self)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(getattr(self.sampler, "epoch", 0)), "batches_consumed": self._yielded}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume_skip = int(state_dict.get("batches_consumed", 0))
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(int(state_dict.get("epoch", 0)))
 
 
 def make_dataloader(
@@ -233,10 +293,14 @@ def make_dataloader(
         sampler = ShuffledBatchSampler(n, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
     else:
         sampler = UnrepeatedBatchSampler(n, batch_size)
-    return DataLoader(
+    return BatchDataLoader(
         dataset,
         sampler=sampler,
         batch_size=None,
+        # A private generator: creating an iterator draws a worker base seed from it instead
+        # of from torch's global RNG, so iterating data never shifts dropout/negative sampling
+        # randomness (and a resumed run draws exactly what an uninterrupted one would).
+        generator=torch.Generator().manual_seed(seed),
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,

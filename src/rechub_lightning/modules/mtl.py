@@ -332,22 +332,22 @@ class MTLModule(RecModule):
         return lambda t: strategy.reduce(t.detach().clone(), reduce_op="mean")
 
     def _step_schedulers(self, interval: str) -> None:
+        """Manual optimisation: Lightning leaves every scheduler to us (ReduceLROnPlateau included)."""
         for config in self.trainer.lr_scheduler_configs:
             if config.interval != interval:
                 continue
             count = self.trainer.current_epoch + 1 if interval == "epoch" else self.trainer.global_step
             if count % config.frequency:
                 continue
-            if config.reduce_on_plateau:
+            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                monitor = self.scheduler_monitor or self.monitor
                 metrics = self.trainer.callback_metrics
-                if config.monitor not in metrics:
-                    if config.strict:
-                        raise ValueError(
-                            f"ReduceLROnPlateau monitors {config.monitor!r}, which was not logged; "
-                            f"available: {sorted(metrics)}"
-                        )
-                    continue
-                config.scheduler.step(metrics[config.monitor])  # type: ignore[call-arg]
+                if monitor not in metrics:
+                    raise ValueError(
+                        f"ReduceLROnPlateau monitors {monitor!r}, which was not logged (is there a validation loop?); "
+                        f"available: {sorted(metrics)}; set scheduler_monitor"
+                    )
+                config.scheduler.step(metrics[monitor])
             else:
                 config.scheduler.step()  # type: ignore[call-arg]
 
@@ -362,6 +362,14 @@ class MTLModule(RecModule):
                 group["params"] = [p for p in group["params"] if id(p) not in own]
             optimizer.add_param_group({"params": [p for p in self.weighting.parameters() if p.requires_grad], "weight_decay": 0.0})
         return optimizer
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        config = super().build_scheduler(optimizer)
+        if config is not None and not self.automatic_optimization:
+            # Lightning ignores (and warns about) these keys with manual optimisation: _step_schedulers reads them.
+            config.pop("monitor", None)
+            config.pop("strict", None)
+        return config
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
@@ -411,7 +419,7 @@ class MTLModule(RecModule):
         self._epoch_loss_sum = values if self._epoch_loss_sum is None else self._epoch_loss_sum + values
         self._epoch_batches += 1
         bs = out.shape[0]
-        self.log("train/loss", total.detach() if isinstance(total, torch.Tensor) else total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log("train/loss", total.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
         for i, loss in enumerate(losses):
             self.log(f"train/task_{i}_loss", loss.detach(), on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         return total
@@ -419,7 +427,7 @@ class MTLModule(RecModule):
     def on_train_epoch_end(self) -> None:
         weights = self.weighting.weights()
         for k, i in enumerate(self.trained_tasks):
-            self.log(f"loss_weight/task_{i}", float(weights[k]), on_step=False, on_epoch=True)
+            self.log(f"loss_weight/task_{i}", float(weights[k]), on_step=False, on_epoch=True, sync_dist=True)
         if self._epoch_loss_sum is not None:
             stats = torch.cat([self._epoch_loss_sum, self._epoch_loss_sum.new_tensor([float(self._epoch_batches)])])
             if self.trainer.world_size > 1:

@@ -1,0 +1,39 @@
+"""Checkpoints that are never torn: written to a temporary file, then renamed into place."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+__all__ = ["AtomicCheckpointIO"]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Like Lightning's ``TorchCheckpointIO``, but a process killed while saving leaves either the
+    previous file or the complete new one (``os.replace`` is atomic on POSIX filesystems).
+
+    Remote paths (``s3://`` ...) fall back to the default behaviour.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = str(path)
+        if "://" in path and not path.startswith("file://"):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = path.removeprefix("file://")
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
