@@ -177,3 +177,36 @@ def test_reference_model_object_trains_with_probabilities(tmp_path):
     assert not trainer.module.logits_out
     trainer.fit(train_dl, val_dl)
     assert trainer.evaluate(model, test_dl) > 0.6
+
+
+def test_sparse_auto_default_and_clipping(dm):
+    # default (None): sparse on one process, and gradient clipping works with sparse gradients
+    module = CTRModule(DeepFM(schema=dm.schema, mlp_params=MLP))
+    trainer = Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, gradient_clip_val=0.5,
+                      **quiet_trainer_kwargs(enable_checkpointing=False))
+    trainer.fit(module, dm)
+    assert module.sparse_embeddings
+    assert module.model.embedding.tables["dim16"].sparse
+    # embedding regularization keeps the reference's dense semantics, and refuses explicit sparse
+    reg = {"embedding_l2": 1e-6}
+    dense = CTRModule(DeepFM(schema=dm.schema, mlp_params=MLP), regularization_params=reg)
+    Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, **quiet_trainer_kwargs(enable_checkpointing=False)).fit(dense, dm)
+    assert not dense.sparse_embeddings
+    with pytest.raises(ValueError, match="embedding_l2"):
+        CTRModule(DeepFM(schema=dm.schema, mlp_params=MLP), regularization_params=reg, sparse_embeddings=True)
+
+
+def test_sparse_aware_clip_norm_matches_dense():
+    from rechub_lightning.modules.base import clip_sparse_aware_
+
+    torch.manual_seed(0)
+    e1 = torch.nn.Embedding(20, 4, sparse=True)
+    e2 = torch.nn.Embedding(20, 4)
+    e2.weight.data.copy_(e1.weight.data)
+    idx = torch.tensor([1, 3, 3, 7])
+    (e1(idx) ** 2).sum().backward()
+    (e2(idx) ** 2).sum().backward()
+    n1 = clip_sparse_aware_([e1.weight], 0.1)
+    n2 = torch.nn.utils.clip_grad_norm_([e2.weight], 0.1)
+    assert float(n1) == pytest.approx(float(n2), rel=1e-5)
+    assert torch.allclose(e1.weight.grad.to_dense(), e2.weight.grad, atol=1e-6)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rechub_lightning.features import DenseFeature, FeatureSchema, SparseFeature
+from rechub_lightning.features import FeatureSchema
 from rechub_lightning.models.base import build_model, model_spec, returns_logits
 from rechub_lightning.models.multi_task import AITM, ESMM, MMOE, PLE, SharedBottom
 from rechub_lightning.models.multi_task.esmm import ctcvr_logit

@@ -169,7 +169,10 @@ class MTLTrainer(_FacadeBase):
             count += 1
             if log_interval and (i + 1) % log_interval == 0:
                 rank_zero_info(f"train batch {i + 1}: task losses {[round(float(v) / count, 6) for v in totals]}")
-        return (totals / max(count, 1)).tolist()
+        means = totals / max(count, 1)
+        if count:
+            module.weighting.on_epoch_end(means[list(module.trained_tasks)].float())
+        return means.tolist()
 
     @torch.no_grad()
     def _outputs(self, model: nn.Module, data_loader: Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:

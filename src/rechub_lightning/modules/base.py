@@ -20,7 +20,7 @@ from ..losses import RegularizationLoss
 from ..models.base import build_model, model_spec, returns_logits
 from .optim import HybridOptimizer, callable_path, resolve_callable, split_embedding_parameters
 
-__all__ = ["RecModule", "split_batch"]
+__all__ = ["RecModule", "split_batch", "clip_sparse_aware_"]
 
 _REG_KEYS = ("embedding_l1", "embedding_l2", "dense_l1", "dense_l2")
 _EMBEDDING_OPTIMIZERS = ("sparse_adam", "adagrad", "sgd")
@@ -33,6 +33,34 @@ def split_batch(batch: Any) -> tuple[dict[str, torch.Tensor], Any]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Mapping):
         return batch[0], batch[1]
     raise TypeError(f"a batch must be (x_dict, y) or x_dict, got {type(batch).__name__}")
+
+
+@torch.no_grad()
+def clip_sparse_aware_(params: list[nn.Parameter], clip_val: float, algorithm: str = "norm") -> torch.Tensor | None:
+    """Gradient clipping that also handles sparse (row-wise) embedding gradients.
+
+    ``algorithm="norm"`` scales all gradients so their global L2 norm is at most ``clip_val``
+    (returns the norm before clipping); ``"value"`` clamps every entry to ``[-clip_val, clip_val]``.
+    """
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return None
+    if algorithm == "value":
+        for p in params:
+            if p.grad.is_sparse:
+                p.grad = p.grad.coalesce()
+                p.grad._values().clamp_(-clip_val, clip_val)
+            else:
+                p.grad.clamp_(-clip_val, clip_val)
+        return None
+    grads = [p.grad for p in params]
+    norms = [(g.coalesce()._values() if g.is_sparse else g).float().norm() for g in grads]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    coef = clip_val / (total + 1e-6)
+    if coef < 1:
+        for g in grads:
+            g.mul_(coef)
+    return total
 
 
 class RecModule(L.LightningModule):
@@ -52,7 +80,12 @@ class RecModule(L.LightningModule):
         scheduler_interval: step the scheduler every ``"epoch"`` or ``"step"``.
         scheduler_monitor: metric ReduceLROnPlateau watches (default: the module's ``monitor``).
         sparse_embeddings: give embedding tables row-sparse gradients and update them with
-            ``embedding_optimizer``, so a step's cost does not grow with the vocabulary.
+            ``embedding_optimizer`` (a lazy optimizer touching only the batch's rows, without
+            weight decay), so a step's cost does not grow with the vocabulary. ``None`` (default)
+            chooses: sparse on one process and under DDP with gloo, dense (the reference's
+            semantics: ``optimizer_fn`` with weight decay on every row) under NCCL/FSDP, where
+            sparse all-reduce is unavailable, and when an embedding L1/L2 penalty is set (it
+            touches every row).
         embedding_optimizer: ``"sparse_adam"`` (default), ``"adagrad"`` or ``"sgd"``; used only
             with ``sparse_embeddings``.
         embedding_optimizer_params: its keyword arguments (default: ``lr`` of ``optimizer_params``).
@@ -72,7 +105,7 @@ class RecModule(L.LightningModule):
         scheduler_params: dict[str, Any] | None = None,
         scheduler_interval: str = "epoch",
         scheduler_monitor: str | None = None,
-        sparse_embeddings: bool = False,
+        sparse_embeddings: bool | None = None,
         embedding_optimizer: str = "sparse_adam",
         embedding_optimizer_params: dict[str, Any] | None = None,
     ) -> None:
@@ -98,17 +131,56 @@ class RecModule(L.LightningModule):
         self.scheduler_monitor = scheduler_monitor
         if embedding_optimizer not in _EMBEDDING_OPTIMIZERS:
             raise ValueError(f"embedding_optimizer={embedding_optimizer!r} is not one of {_EMBEDDING_OPTIMIZERS}")
-        self.sparse_embeddings = bool(sparse_embeddings)
         self.embedding_optimizer = embedding_optimizer
         self.embedding_optimizer_params = dict(embedding_optimizer_params or {})
-        if self.sparse_embeddings:
-            for m in self.model.modules():
-                if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
-                    m.sparse = True
+        emb_reg = any(float(reg.get(k, 0.0)) > 0 for k in ("embedding_l1", "embedding_l2"))
+        if sparse_embeddings and emb_reg:
+            raise ValueError(
+                "sparse_embeddings=True cannot be combined with embedding_l1/embedding_l2 regularization "
+                "(the penalty touches every row and makes the gradient dense); use sparse_embeddings=False"
+            )
+        self._sparse_request = sparse_embeddings
+        self._emb_reg = emb_reg
+        self.sparse_embeddings = False
+        if sparse_embeddings:
+            self.set_sparse_embeddings(True)
         self.logits_out = returns_logits(self.model)
 
         self.save_hyperparameters(ignore=["model"])
         self._clean_hparams(optimizer_fn=optimizer_fn, scheduler_fn=scheduler_fn)
+
+    # ------------------------------------------------------------------ sparse embeddings
+    def set_sparse_embeddings(self, sparse: bool) -> None:
+        """Switch every embedding table of the model to sparse (row-wise) or dense gradients."""
+        self.sparse_embeddings = bool(sparse)
+        for m in self.model.modules():
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+                m.sparse = self.sparse_embeddings
+
+    def _resolve_sparse(self) -> None:
+        if self._sparse_request is not None:
+            return
+        sparse = not self._emb_reg
+        trainer = self._trainer
+        if sparse and trainer is not None and trainer.world_size > 1:
+            strategy = trainer.strategy
+            backend = getattr(strategy, "_process_group_backend", None) or getattr(strategy, "process_group_backend", None)
+            is_ddp = type(strategy).__name__.startswith("DDP")
+            sparse = is_ddp and backend == "gloo"
+        self.set_sparse_embeddings(sparse)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self._resolve_sparse()
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        if not self.sparse_embeddings or not gradient_clip_val:
+            return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        clip_sparse_aware_(
+            [p for g in optimizer.param_groups for p in g["params"]], float(gradient_clip_val), gradient_clip_algorithm or "norm"
+        )
 
     # ------------------------------------------------------------------ hyper-parameters
     def _clean_hparams(self, **callables: Any) -> None:
@@ -135,6 +207,8 @@ class RecModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimizers
     def build_optimizer(self) -> torch.optim.Optimizer:
+        if self._trainer is None:
+            self._resolve_sparse()  # outside a Trainer (the facades' plain loops): one process
         params = [p for p in self.parameters() if p.requires_grad]
         if not self.sparse_embeddings:
             return self.optimizer_fn(params, **self.optimizer_params)

@@ -60,7 +60,7 @@ class CTRModule(RecModule):
         scheduler_params: dict[str, Any] | None = None,
         scheduler_interval: str = "epoch",
         scheduler_monitor: str | None = None,
-        sparse_embeddings: bool = False,
+        sparse_embeddings: bool | None = None,
         embedding_optimizer: str = "sparse_adam",
         embedding_optimizer_params: dict[str, Any] | None = None,
         loss_mode: bool = True,

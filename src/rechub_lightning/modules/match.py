@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.match import SEEN_ITEMS_KEY
 from ..losses import bpr_loss, list_wise_loss, masked_fill_value, sampled_softmax_loss
 from ..metrics import BinaryAUC, RetrievalTopK
 from ..retrieval import topk_search
@@ -24,9 +25,6 @@ from .base import RecModule, split_batch
 
 __all__ = ["MatchModule", "SEEN_ITEMS_KEY", "in_batch_logits", "score_matrix", "has_towers"]
 
-#: Key of the eval-batch tensor ``(B, S)`` holding each user's already-seen item ids
-#: (0 = padding), excluded from retrieval when ``exclude_seen``. Never a model input.
-SEEN_ITEMS_KEY = "__seen_items__"
 
 _PROB_EPS = 1e-7
 _MODES = (0, 1, 2)

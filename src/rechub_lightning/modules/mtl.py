@@ -171,7 +171,6 @@ class MTLModule(RecModule):
         for i in (*self.trained_tasks, *self.conditional_tasks, *self.conditional_tasks.values()):
             if not 0 <= i < self.n_task:
                 raise ValueError(f"the model names task {i}, but there are {self.n_task} tasks")
-        self._auxiliary_loss = getattr(inner, "auxiliary_loss", None)
 
         self.weighting = build_weighting(adaptive_params, len(self.trained_tasks))
         self.automatic_optimization = not self.weighting.requires_manual
@@ -256,8 +255,9 @@ class MTLModule(RecModule):
     def extra_loss(self, out: torch.Tensor) -> torch.Tensor | float:
         """The model's auxiliary loss (AITM's calibrator) plus the L1/L2 regularisation."""
         extra: torch.Tensor | float = self.regularization_loss()
-        if self._auxiliary_loss is not None:
-            aux = self._auxiliary_loss(out)
+        auxiliary_loss = getattr(unwrap_model(self.model), "auxiliary_loss", None)
+        if callable(auxiliary_loss):
+            aux = auxiliary_loss(out)
             if aux is not None:
                 extra = extra + aux
         return extra

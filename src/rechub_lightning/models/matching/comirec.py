@@ -193,7 +193,12 @@ class MultiInterestMatchModel(RecModel):
         else:
             candidates = torch.cat([target.unsqueeze(1), negatives], dim=1)
             logits = torch.einsum("bd,bnd->bn", user, candidates)
-        return logits / self.temperature
+        return logits / self.logit_temperature
+
+    @property
+    def logit_temperature(self) -> float:
+        """What the logits are divided by (``temperature`` unless a model says otherwise)."""
+        return self.temperature
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -205,7 +210,7 @@ class MultiInterestMatchModel(RecModel):
         if self.mode is not None:
             raise ValueError(f"mode must be None, 'user' or 'item', got {self.mode!r}")
         target = self.item_tower(x)
-        user = self.readout(interests, target, interest_mask, 1.0 / self.temperature)
+        user = self.readout(interests, target, interest_mask, 1.0 / self.logit_temperature)
         return self.score(user, target, x)
 
 

@@ -81,7 +81,7 @@ class DeepFFM(RecModel):
         linear_features: first-order features (default ``"dense+sparse"`` of ``schema``, with
             sparse features re-declared at width 1). Sparse ones contribute the sum of their
             embeddings (the reference's linear term); dense ones a learned weight per value,
-            initialised to 1 (the reference adds raw dense values with a fixed weight 1).
+            initialised to 0 (the reference adds the raw dense values, a fixed weight of 1).
         cross_features: field-aware sparse features (default ``"sparse"`` of ``schema``); see
             :func:`ffm_inputs` for the vocabulary contract.
         embed_dim: width of the field-aware embeddings (``None``: the features' width).
@@ -124,8 +124,10 @@ class DeepFFM(RecModel):
         self.linear_embedding = EmbeddingLayer(self.linear_features)
         self.ffm_embedding = EmbeddingLayer(self.cross_features)
         if self.linear_dense:
+            # Learned from 0: the reference's fixed weight of 1 lets uninformative (standardised)
+            # dense columns add unit-scale noise to every logit.
             self.dense_linear = nn.Linear(total_dim(self.linear_dense), 1, bias=False)
-            nn.init.ones_(self.dense_linear.weight)
+            nn.init.zeros_(self.dense_linear.weight)
         self.b = nn.Parameter(torch.zeros(1))
         self.register_buffer("fields_offset", torch.arange(self.num_fields, dtype=torch.long), persistent=False)
 
