@@ -67,7 +67,7 @@ def peak_rss_mb() -> float:
 
 
 # ----------------------------------------------------------------------------- variants
-def run_variant(name: str, rows: int, max_vocab: int, batch_size: int, es_epochs: int) -> dict[str, Any]:
+def run_variant(name: str, rows: int, max_vocab: int, batch_size: int, es_epochs: int, device: str = "cpu") -> dict[str, Any]:
     import torch
 
     torch.manual_seed(0)
@@ -92,7 +92,7 @@ def run_variant(name: str, rows: int, max_vocab: int, batch_size: int, es_epochs
         dg = DataGenerator(pd.DataFrame(xt), pd.Series(yt))
         train_dl, val_dl, test_dl = dg.generate_dataloader(pd.DataFrame(xv), pd.Series(yv), pd.DataFrame(xs), pd.Series(ys), batch_size=batch_size)
         model = DeepFM(d + s, s, MLP)
-        trainer = CTRTrainer(model, n_epoch=1, earlystop_patience=2, model_path="/tmp/bench_ref")
+        trainer = CTRTrainer(model, n_epoch=1, earlystop_patience=2, model_path="/tmp/bench_ref", device=device)
         os.makedirs("/tmp/bench_ref", exist_ok=True)
         t = time.perf_counter()
         trainer.train_one_epoch(train_dl, log_interval=10**9)
@@ -106,7 +106,7 @@ def run_variant(name: str, rows: int, max_vocab: int, batch_size: int, es_epochs
         if es_epochs:
             torch.manual_seed(0)
             model = DeepFM(d + s, s, MLP)
-            trainer = CTRTrainer(model, n_epoch=es_epochs, earlystop_patience=2, model_path="/tmp/bench_ref")
+            trainer = CTRTrainer(model, n_epoch=es_epochs, earlystop_patience=2, model_path="/tmp/bench_ref", device=device)
             trainer.fit(train_dl, val_dl)
             out["test_auc_es"] = float(trainer.evaluate(model, test_dl))
         out["step_ms"] = 1000 * out["train_s"] / len(train_dl)
@@ -135,32 +135,37 @@ def run_variant(name: str, rows: int, max_vocab: int, batch_size: int, es_epochs
 
         timer = Timer()
         quiet = dict(enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False)
+        accel = "gpu" if device.startswith("cuda") else "cpu"
         if name in ("trainer", "trainer_dense"):
-            trainer = CTRTrainer(model, n_epoch=1, model_path="/tmp/bench_ours", sparse_embeddings=sparse,
+            trainer = CTRTrainer(model, n_epoch=1, model_path="/tmp/bench_ours", sparse_embeddings=sparse, device=device,
                                  trainer_kwargs={"callbacks": [timer], **quiet})
             trainer.fit(train_dl)
             evaluate, predict = trainer.evaluate, trainer.predict
         elif name == "module":
             module = CTRModule(model, sparse_embeddings=True)
-            L.Trainer(max_epochs=1, accelerator="cpu", devices=1, callbacks=[timer], **quiet).fit(module, train_dl)
-            helper = CTRTrainer(model, model_path="/tmp/bench_ours")
+            L.Trainer(max_epochs=1, accelerator=accel, devices=1, callbacks=[timer], **quiet).fit(module, train_dl)
+            helper = CTRTrainer(model, model_path="/tmp/bench_ours", device=device)
             evaluate, predict = helper.evaluate, helper.predict
         elif name == "bare":
-            module = CTRModule(model, sparse_embeddings=True)
+            module = CTRModule(model, sparse_embeddings=True).to(device)
             opt = module.configure_optimizers()
             model.train()
             n = 0
             for i, (xb, yb) in enumerate(train_dl):
                 if i == 0:
                     t0 = time.perf_counter()
+                xb = {k: v.to(device, non_blocking=True) for k, v in xb.items()}
+                yb = yb.to(device, non_blocking=True)
                 logits = model(xb)
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 n += 1
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
             timer.elapsed, timer.steps = time.perf_counter() - t0, n
-            helper = CTRTrainer(model, model_path="/tmp/bench_ours")
+            helper = CTRTrainer(model, model_path="/tmp/bench_ours", device=device)
             evaluate, predict = helper.evaluate, helper.predict
         else:
             raise ValueError(name)
@@ -177,7 +182,7 @@ def run_variant(name: str, rows: int, max_vocab: int, batch_size: int, es_epochs
             torch.manual_seed(0)
             model = DeepFM(d + s, s, MLP)
             trainer = CTRTrainer(model, n_epoch=es_epochs, earlystop_patience=2, model_path="/tmp/bench_ours_es",
-                                 sparse_embeddings=True, trainer_kwargs={k: v for k, v in quiet.items() if k != "enable_checkpointing"})
+                                 sparse_embeddings=True, device=device, trainer_kwargs={k: v for k, v in quiet.items() if k != "enable_checkpointing"})
             trainer.fit(train_dl, val_dl)
             out["test_auc_es"] = float(trainer.evaluate(model, test_dl))
     out["train_rows_per_s"] = len(tr) / out["train_s"]
@@ -208,21 +213,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--variants", nargs="+", default=["reference", "trainer", "trainer_dense", "module", "bare"])
     p.add_argument("--early-stopping", type=int, default=0, help="max epochs of an early-stopping run (0: skip)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda:0 (the same device for every variant)")
     p.add_argument("--json", help="write all results to this file")
-    p.add_argument("--_child", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--_child", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args._child:
-        name, rows, vocab, bs, es = args._child
-        print("RESULT " + json.dumps(run_variant(name, int(rows), int(vocab), int(bs), int(es))), flush=True)
+        name, rows, vocab, bs, es, device = args._child
+        print("RESULT " + json.dumps(run_variant(name, int(rows), int(vocab), int(bs), int(es), device)), flush=True)
         return
 
-    print(f"# machine: {machine()}")
+    print(f"# machine: {machine()}; device: {args.device}; rows: {args.rows}; batch: {args.batch_size}")
     results = []
     for vocab in args.vocabs:
         for name in args.variants:
             es = args.early_stopping if vocab == args.vocabs[0] else 0
-            cmd = [sys.executable, "-m", "benchmarks.ctr", "--_child", name, str(args.rows), str(vocab), str(args.batch_size), str(es)]
+            cmd = [sys.executable, "-m", "benchmarks.ctr", "--_child", name, str(args.rows), str(vocab), str(args.batch_size), str(es), args.device]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:

@@ -9,6 +9,7 @@ configs never repeat vocabulary sizes. For ``validate``/``test``/``predict`` wit
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import sys
@@ -18,6 +19,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .checkpoint import AtomicCheckpointIO
@@ -52,6 +54,10 @@ class RecHubCLI(LightningCLI):
         # Torn checkpoints are impossible with an atomic write (unless the user chose a CheckpointIO).
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        # CSV logs always (what `rechub report` reads), next to TensorBoard when it is installed.
+        if trainer.loggers and not any(isinstance(lg, CSVLogger) for lg in trainer.loggers):
+            first = trainer.loggers[0]
+            trainer.loggers = [*trainer.loggers, CSVLogger(save_dir=trainer.default_root_dir, name=first.name or "lightning_logs", version=first.version)]
         return trainer
 
     def before_predict(self) -> None:
@@ -61,7 +67,7 @@ class RecHubCLI(LightningCLI):
         output = cfg.get("predict_output") or os.path.join(self.trainer.default_root_dir, "predictions.csv")
         labels = list(getattr(getattr(self.datamodule, "schema", None), "labels", []) or [])
         columns = [f"pred_{label}" for label in labels] or None
-        self.trainer.callbacks.append(PredictionWriter(output, columns, cfg.get("predict_id_columns") or ()))
+        self.trainer.callbacks.append(PredictionWriter(output, columns, cfg.get("predict_id_columns") or (), labels))
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would merge the checkpoint's hyper-parameters into the config. Ours hold the
@@ -74,6 +80,14 @@ class RecHubCLI(LightningCLI):
         sub = self.config.get("subcommand")
         cfg = self.config.get(sub) if sub else self.config
         ckpt = cfg.get("ckpt_path") if cfg is not None else None
+        if ckpt == "last":
+            # Lightning looks for last.ckpt only in this run's (new) version folder; a user who
+            # says "last" means the newest last.ckpt of earlier runs under default_root_dir.
+            root = (cfg.get("trainer") or {}).get("default_root_dir") or os.getcwd()
+            found = sorted(glob.glob(os.path.join(str(root), "**", "last*.ckpt"), recursive=True), key=os.path.getmtime)
+            if found:
+                ckpt = cfg["ckpt_path"] = found[-1]
+                log.info(f"Resuming from {ckpt}")
         if ckpt and ckpt not in ("best", "last", "hpc", "registry") and cfg.get("data") is not None:
             data = cfg["data"]
             init_args = data.get("init_args") if hasattr(data, "get") else None
@@ -107,9 +121,54 @@ def _configure_logging() -> None:
         log.propagate = False
 
 
+def load_model_from_checkpoint(ckpt_path: str) -> Any:
+    """The network stored in one of our checkpoints (its spec + weights), in eval mode."""
+    import torch
+
+    from .models.base import build_model
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    spec = ckpt.get("hyper_parameters", {}).get("model")
+    if spec is None:
+        raise ValueError(f"{ckpt_path} holds no model spec (the model was not one of rechub-lightning's)")
+    model = build_model(spec)
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def export_main(argv: list[str]) -> str:
+    """``rechub export --ckpt_path X --output model.onnx [--tower user|item]``."""
+    import argparse
+
+    from .export import export_onnx
+
+    p = argparse.ArgumentParser(prog="rechub export", description="Export a checkpoint's model (or tower) to ONNX.")
+    p.add_argument("--ckpt_path", required=True)
+    p.add_argument("--output", required=True, help="the .onnx file to write")
+    p.add_argument("--tower", choices=["user", "item"], default=None, help="matching models: export one tower")
+    p.add_argument("--opset_version", type=int, default=17)
+    args = p.parse_args(argv)
+    path = export_onnx(load_model_from_checkpoint(args.ckpt_path), args.output, tower=args.tower, opset_version=args.opset_version)
+    log.info(f"Wrote {path}")
+    return path
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``rechub`` console script."""
+    """Entry point of the ``rechub`` console script.
+
+    ``fit|validate|test|predict`` go to LightningCLI; ``export`` writes ONNX; ``report`` plots a run.
+    """
     _configure_logging()
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "export":
+        export_main(argv[1:])
+        return
+    if argv and argv[0] == "report":
+        from .report import main as report_main
+
+        report_main(argv[1:])
+        return
     RecHubCLI(
         RecModule,
         L.LightningDataModule,

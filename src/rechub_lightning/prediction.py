@@ -52,15 +52,24 @@ class PredictionWriter(BasePredictionWriter):
             ``pred_0..``; the CLI uses ``pred_<label>``.
         id_columns: raw columns copied next to the predictions (e.g. ``user_id``), read from
             the datamodule's ``raw_frame("predict")``.
+        label_columns: label columns copied as ``label_<name>`` when the prediction data has
+            them (what ``rechub report`` needs for ROC and calibration plots).
 
     The written frame has a ``row`` column (the input row index) first.
     """
 
-    def __init__(self, output: str, columns: Sequence[str] | None = None, id_columns: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        output: str,
+        columns: Sequence[str] | None = None,
+        id_columns: Sequence[str] = (),
+        label_columns: Sequence[str] = (),
+    ) -> None:
         super().__init__(write_interval="epoch")
         self.output = output
         self.columns = list(columns) if columns else None
         self.id_columns = list(id_columns)
+        self.label_columns = list(label_columns)
         self.frame: pd.DataFrame | None = None
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any) -> None:
@@ -75,8 +84,10 @@ class PredictionWriter(BasePredictionWriter):
             names = [f"pred_{i}" for i in range(arr.shape[1])]
         frame = pd.DataFrame({"row": np.arange(len(arr))})
         dm = trainer.datamodule
-        if self.id_columns and dm is not None and hasattr(dm, "raw_frame"):
-            raw = dm.raw_frame("predict")
+        raw = dm.raw_frame("predict") if dm is not None and hasattr(dm, "raw_frame") else None
+        if self.id_columns:
+            if raw is None:
+                raise ValueError("id_columns need a datamodule with raw_frame('predict')")
             missing = [c for c in self.id_columns if c not in raw.columns]
             if missing:
                 raise KeyError(f"id_columns {missing} not found in the prediction data (columns: {list(raw.columns)})")
@@ -84,6 +95,10 @@ class PredictionWriter(BasePredictionWriter):
                 frame[c] = raw[c].to_numpy()[: len(arr)]
         for i, n in enumerate(names):
             frame[n] = arr[:, i]
+        if raw is not None and len(raw) == len(arr):
+            for c in self.label_columns:
+                if c in raw.columns:
+                    frame[f"label_{c}"] = raw[c].to_numpy()
         os.makedirs(os.path.dirname(os.path.abspath(self.output)), exist_ok=True)
         if self.output.endswith((".parquet", ".pq")):
             frame.to_parquet(self.output, index=False)

@@ -156,6 +156,10 @@ class TabularDataModule(L.LightningDataModule):
             for name in ("val", "test", "all"):
                 if frames.get(name) is not None:
                     self.preprocessor.check_dtypes(frames[name], f"{name} data")
+        for name in ("train", "val", "test"):
+            frame = frames.get(name)
+            if frame is not None and len(frame) and all(c in frame.columns for c in self.labels):
+                self._labels(frame, name)  # NaN / non-binary labels fail here, before any step
         self._groups = groups
         self.schema: FeatureSchema = self.preprocessor.schema(self.labels, embed_dim, groups)
 

@@ -247,11 +247,10 @@ class Preprocessor:
             raise KeyError(f"feature column(s) {missing} not found in {what}; available columns: {list(df.columns)}")
 
     def check_dtypes(self, df: pd.DataFrame, what: str = "data") -> None:
-        """Fail early on dense columns holding text (checked on all rows, not only training rows)."""
+        """Fail early on dense columns holding text or infinities (all rows, not only training rows)."""
         self.check_columns(df, what)
         for col in self.dense:
-            if not (_is_numeric(df[col]) or pd.api.types.is_bool_dtype(df[col].dtype)):
-                _as_numeric_column(df, col)
+            _as_numeric_column(df, col)  # raises on text and on infinite values
 
     def fit(self, df: pd.DataFrame) -> Preprocessor:
         self.check_columns(df, "training data")
@@ -298,7 +297,13 @@ class Preprocessor:
         self.check_columns(df)
         out: dict[str, np.ndarray] = {}
         for col in self.dense:
-            out[col] = self.scalers[col].transform(_as_numeric_column(df, col))
+            values = _as_numeric_column(df, col)
+            if not self.encode and np.isnan(values).any():
+                raise ValueError(
+                    f"dense feature {col!r} has {int(np.isnan(values).sum())} NaN value(s) and preprocessing is off "
+                    f"(preprocess=False); fill them or turn preprocessing on (NaN -> training mean)"
+                )
+            out[col] = self.scalers[col].transform(values)
         for col in self.sparse:
             if self.encode:
                 out[col] = self.encoders[col].transform(df[col])

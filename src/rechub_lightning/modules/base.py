@@ -172,6 +172,22 @@ class RecModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self._resolve_sparse()
+            self._check_singleton_batch()
+
+    def _check_singleton_batch(self) -> None:
+        """BatchNorm cannot train on a batch of one row: refuse before the first step."""
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            return
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        ds = dm.dataset("train") if dm is not None and hasattr(dm, "dataset") else None
+        bs = getattr(dm, "batch_size", None)
+        if ds is None or not bs:
+            return
+        if len(ds) % bs == 1 or len(ds) == 1:
+            raise ValueError(
+                f"the last training batch would hold 1 row ({len(ds)} rows, batch_size={bs}) and the model has "
+                f"BatchNorm layers, which cannot train on one row; change batch_size (e.g. {bs + 1})"
+            )
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None

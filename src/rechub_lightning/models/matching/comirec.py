@@ -18,7 +18,7 @@ from ...layers.embedding import EmbeddingLayer
 from ...layers.multi_interest import CapsuleNetwork, LabelAwareAttention, MultiInterestSA
 from ..base import RecModel
 
-__all__ = ["ComirecSA", "ComirecDR", "resolve_multi_interest_features"]
+__all__ = ["ComirecSA", "ComirecDR", "MultiInterestMatchModel", "resolve_multi_interest_features"]
 
 FeatureArg = Sequence[Feature] | str | Sequence[str] | None
 
@@ -139,11 +139,14 @@ class MultiInterestMatchModel(RecModel):
         self.mode: str | None = None
 
     # ------------------------------------------------------------------ pieces
+    def history_mask(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Validity mask ``(B, L)`` (bool) of the behaviour sequence."""
+        return x[self.history_features[0].name] != self.history_padding
+
     def history_embedding(self, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Behaviour embeddings ``(B, L, D)`` and their validity mask ``(B, L)`` (bool)."""
-        history = self.history_features[0]
-        emb, _ = self.embedding.embed_sequence(x, history)
-        return emb, x[history.name] != self.history_padding
+        emb, _ = self.embedding.embed_sequence(x, self.history_features[0])
+        return emb, self.history_mask(x)
 
     def user_interests(self, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(interests (B, K, D), active-interest mask (B, K) or None)``."""

@@ -105,11 +105,7 @@ class MIND(MultiInterestMatchModel):
         """Bool ``(B, K)`` of each user's active interests, or None without ``dynamic_interest``."""
         if not self.dynamic_interest:
             return None
-        return dynamic_interest_mask(self.history_embedding_mask(x), self.interest_num)
-
-    def history_embedding_mask(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Validity mask ``(B, L)`` of the history."""
-        return x[self.history_features[0].name] != self.history_padding
+        return dynamic_interest_mask(self.history_mask(x), self.interest_num)
 
     def user_interests(self, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         emb, mask = self.history_embedding(x)

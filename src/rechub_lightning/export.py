@@ -1,0 +1,145 @@
+"""ONNX export of ranking and multi-task models and of matching towers (extra ``onnx``).
+
+A model takes a dict of feature tensors; ONNX graphs take positional inputs. :func:`export_onnx`
+wraps the model so every feature becomes a named graph input with a dynamic batch dimension,
+and the output is what ``predict`` returns (probabilities for our logit models) or an
+embedding (``tower="user"``/``"item"`` for matching models).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .features import DenseFeature, Feature, SequenceFeature, SparseFeature
+from .models.base import returns_logits
+
+__all__ = ["export_onnx", "dummy_inputs", "model_features"]
+
+
+def model_features(model: nn.Module, tower: str | None = None) -> list[Feature]:
+    """The features a model (or one of its towers) reads, from its feature attributes."""
+    if tower is not None:
+        attr = f"{tower}_features"
+        if hasattr(model, attr):
+            return list(getattr(model, attr))
+    seen: dict[str, Feature] = {}
+    for name, value in vars(model).items():
+        if name.endswith("features") and isinstance(value, (list, tuple)):
+            for f in value:
+                if isinstance(f, (SparseFeature, DenseFeature)):
+                    seen.setdefault(f.name, f)
+    emb = getattr(model, "embedding", None)
+    for f in getattr(emb, "features", []) if tower is None else []:
+        seen.setdefault(f.name, f)
+    if not seen:
+        raise ValueError(f"cannot tell which features {type(model).__name__} reads; pass `features=`")
+    return list(seen.values())
+
+
+def dummy_inputs(features: Sequence[Feature], batch_size: int = 2, seq_length: int = 10) -> dict[str, torch.Tensor]:
+    """Valid random inputs for the features (ids within range, dense values as floats)."""
+    g = torch.Generator().manual_seed(0)
+    x: dict[str, torch.Tensor] = {}
+    for f in features:
+        if isinstance(f, SequenceFeature):
+            x[f.name] = torch.randint(0, f.vocab_size, (batch_size, seq_length), generator=g)
+        elif isinstance(f, SparseFeature):
+            x[f.name] = torch.randint(0, f.vocab_size, (batch_size,), generator=g)
+        else:
+            shape = (batch_size,) if f.embed_dim == 1 else (batch_size, f.embed_dim)
+            x[f.name] = torch.randn(shape, generator=g)
+    return x
+
+
+class _Positional(nn.Module):
+    def __init__(self, model: nn.Module, names: list[str], tower: str | None, probabilities: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names
+        self.tower = tower
+        self.probabilities = probabilities
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        x = dict(zip(self.names, tensors))
+        if self.tower is not None:
+            out = getattr(self.model, f"{self.tower}_tower")(x)
+        else:
+            out = self.model(x)
+            if isinstance(out, (tuple, list)):  # (scores, aux_loss) models
+                out = out[0]
+            if self.probabilities:
+                out = torch.sigmoid(out)
+        return out
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str,
+    *,
+    tower: str | None = None,
+    features: Sequence[Feature] | None = None,
+    dummy_input: dict[str, torch.Tensor] | None = None,
+    probabilities: bool | None = None,
+    seq_length: int = 10,
+    opset_version: int = 17,
+) -> str:
+    """Export ``model`` (or its ``user``/``item`` tower) to an ONNX file.
+
+    Args:
+        model: a ranking, multi-task or matching model.
+        path: output ``.onnx`` file.
+        tower: ``"user"`` or ``"item"`` to export one tower of a matching model.
+        features: graph inputs (default: the features the model/tower reads).
+        dummy_input: example inputs (default: random valid ids/values).
+        probabilities: apply the sigmoid (default: yes for our logit models, not for towers).
+        seq_length: sequence length of generated dummy inputs.
+        opset_version: ONNX opset.
+
+    Returns:
+        The path written. Inputs are named after the features, the output ``output``; the
+        batch dimension (and sequence length) are dynamic.
+
+    Raises:
+        ImportError: when ``onnx`` is not installed (``pip install 'rechub-lightning[onnx]'``).
+    """
+    try:
+        import onnx  # noqa: F401
+    except ImportError as e:
+        raise ImportError("ONNX export needs onnx: pip install 'rechub-lightning[onnx]'") from e
+    if tower not in (None, "user", "item"):
+        raise ValueError(f"tower must be None, 'user' or 'item', got {tower!r}")
+    feats = list(features) if features is not None else model_features(model, tower)
+    x = dummy_input or dummy_inputs(feats, batch_size=2, seq_length=seq_length)
+    names = [f.name for f in feats]
+    if probabilities is None:
+        probabilities = tower is None and returns_logits(model)
+    was_training = model.training
+    model.eval()
+    old_mode = getattr(model, "mode", None)
+    wrapper = _Positional(model, names, tower, probabilities).eval()
+    dynamic = {}
+    for f in feats:
+        dynamic[f.name] = {0: "batch", 1: "seq_len"} if isinstance(f, SequenceFeature) else {0: "batch"}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapper,
+                tuple(x[n] for n in names),
+                path,
+                input_names=names,
+                output_names=["output"],
+                dynamic_axes={**dynamic, "output": {0: "batch"}},
+                opset_version=opset_version,
+                dynamo=False,
+            )
+    finally:
+        model.train(was_training)
+        if hasattr(model, "mode"):
+            model.mode = old_mode
+    return path
