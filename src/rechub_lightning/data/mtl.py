@@ -121,7 +121,9 @@ class MTLDataModule(TabularDataModule):
             sparse_features = [c for c in CENSUS_SPARSE_COLS if c not in self._label_sources]
             dense_features = [c for c in CENSUS_DENSE_COLS if c not in self._label_sources]
         self.save_hyperparameters(ignore=["data"])
-        self.task_types = list(task_types) if task_types is not None else []
+        # None: inferred from the training labels as soon as the frames are loaded (the base
+        # class validates labels against the task types before it returns).
+        self.task_types = list(task_types) if task_types is not None else None  # type: ignore[assignment]
         super().__init__(
             path=path, data=data, labels=labels, val_path=val_path, test_path=test_path, predict_path=predict_path,
             sparse_features=sparse_features, dense_features=dense_features, sequence_features=sequence_features,
@@ -129,8 +131,6 @@ class MTLDataModule(TabularDataModule):
             preprocess=preprocess, max_len=max_len, split_ratio=split_ratio, batch_size=batch_size,
             eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed, preprocessing_from=preprocessing_from,
         )
-        if task_types is None:
-            self.task_types = self._infer_task_types()
 
     # ------------------------------------------------------------------ sources
     def default_frame(self) -> pd.DataFrame:
@@ -152,8 +152,10 @@ class MTLDataModule(TabularDataModule):
         return frame
 
     def _load_frames(self, path: str | None, data: Any, val_path: str | None, test_path: str | None) -> dict[str, pd.DataFrame | None]:
-        frames = super()._load_frames(path, data, val_path, test_path)
-        return {k: self._add_derived(v) for k, v in frames.items()}
+        frames = {k: self._add_derived(v) for k, v in super()._load_frames(path, data, val_path, test_path).items()}
+        if self.task_types is None:
+            self.task_types = self._infer_task_types(frames.get("train"))
+        return frames
 
     def _infer_columns(
         self,
@@ -178,9 +180,9 @@ class MTLDataModule(TabularDataModule):
             raise ValueError(f"label column(s) {leaked} are also listed as features")
         return list(sparse or []), list(dense or []), seq
 
-    def _infer_task_types(self) -> list[str]:
-        train = self._frames.get("train")
-        if train is None:  # preprocessing restored and no training rows: assume classification
+    def _infer_task_types(self, train: pd.DataFrame | None) -> list[str]:
+        """A label whose training values are all 0/1 is classification, any other regression."""
+        if train is None or not all(c in train.columns for c in self.labels):
             return ["classification"] * len(self.labels)
         types = []
         for c in self.labels:

@@ -8,6 +8,7 @@ metrics and (multi-task) the optimisation step.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -278,3 +279,15 @@ class RecModule(L.LightningModule):
         opts = self.optimizers()
         opt = opts[0] if isinstance(opts, list) else opts
         self.log("learning_rate", float(opt.param_groups[-1]["lr"]), on_step=False, on_epoch=True)
+        self._epoch_clock = (time.perf_counter(), 0)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        t0, rows = getattr(self, "_epoch_clock", (time.perf_counter(), 0))
+        x, _ = split_batch(batch)
+        self._epoch_clock = (t0, rows + len(next(iter(x.values()))))
+
+    def on_train_epoch_end(self) -> None:
+        t0, rows = getattr(self, "_epoch_clock", (None, 0))
+        if t0 is not None and rows:
+            # training throughput of this process, whole epoch (data loading included)
+            self.log("train/rows_per_sec", rows / (time.perf_counter() - t0), on_step=False, on_epoch=True)
