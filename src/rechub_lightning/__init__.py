@@ -1,8 +1,8 @@
 """rechub-lightning: Torch-RecHub's recommender models and trainers on PyTorch Lightning."""
 
 from .features import DenseFeature, FeatureSchema, SequenceFeature, SparseFeature
-from .modules import CTRModule, RecModule
-from .trainers import CTRTrainer
+from .modules import CTRModule, MTLModule, RecModule
+from .trainers import CTRTrainer, MTLTrainer
 
 __version__ = "0.1.0"
 
@@ -13,6 +13,8 @@ __all__ = [
     "FeatureSchema",
     "RecModule",
     "CTRModule",
+    "MTLModule",
     "CTRTrainer",
+    "MTLTrainer",
     "__version__",
 ]

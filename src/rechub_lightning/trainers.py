@@ -27,7 +27,7 @@ from .models.base import returns_logits
 from .modules.base import RecModule, split_batch
 from .modules.ctr import CTRModule
 
-__all__ = ["CTRTrainer", "ReferenceLoggerAdapter", "device_config"]
+__all__ = ["CTRTrainer", "MTLTrainer", "ReferenceLoggerAdapter", "device_config"]
 
 
 def device_config(device: str | torch.device = "cpu", gpus: Iterable[int] | None = None) -> dict[str, Any]:
@@ -299,3 +299,7 @@ class CTRTrainer(_FacadeBase):
         """Click probabilities, one per row, in loader order."""
         preds, _ = self._scores(model, data_loader)
         return preds.cpu().tolist()
+
+
+# The multi-task facade lives in its own file (it subclasses _FacadeBase defined above).
+from ._mtl_trainer import MTLTrainer  # noqa: E402

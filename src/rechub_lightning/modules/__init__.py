@@ -2,6 +2,7 @@
 
 from .base import RecModule
 from .ctr import CTRModule
+from .mtl import MTLModule
 from .optim import HybridOptimizer
 
-__all__ = ["RecModule", "CTRModule", "HybridOptimizer"]
+__all__ = ["RecModule", "CTRModule", "MTLModule", "HybridOptimizer"]

@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
@@ -83,10 +84,10 @@ class RecModule(L.LightningModule):
         sparse_embeddings: give embedding tables row-sparse gradients and update them with
             ``embedding_optimizer`` (a lazy optimizer touching only the batch's rows, without
             weight decay), so a step's cost does not grow with the vocabulary. ``None`` (default)
-            chooses: sparse on one process and under DDP with gloo, dense (the reference's
-            semantics: ``optimizer_fn`` with weight decay on every row) under NCCL/FSDP, where
-            sparse all-reduce is unavailable, and when an embedding L1/L2 penalty is set (it
-            touches every row).
+            chooses: sparse on CPU (one process, or DDP over gloo); dense (the reference's
+            semantics: ``optimizer_fn`` with weight decay on every row) on GPUs, where dense
+            Adam is fast and NCCL has no sparse all-reduce, under FSDP, and when an embedding
+            L1/L2 penalty is set (it touches every row).
         embedding_optimizer: ``"sparse_adam"`` (default), ``"adagrad"`` or ``"sgd"``; used only
             with ``sparse_embeddings``.
         embedding_optimizer_params: its keyword arguments (default: ``lr`` of ``optimizer_params``).
@@ -163,11 +164,17 @@ class RecModule(L.LightningModule):
             return
         sparse = not self._emb_reg
         trainer = self._trainer
-        if sparse and trainer is not None and trainer.world_size > 1:
+        device = trainer.strategy.root_device if trainer is not None else next(self.parameters()).device
+        if device.type != "cpu":
+            # On GPUs dense Adam over the tables is fast (measured: benchmarks/RESULTS.md) and
+            # NCCL has no sparse all-reduce; lazy row-wise updates pay off on CPUs.
+            sparse = False
+        if sparse and trainer is not None and not isinstance(trainer.strategy, SingleDeviceStrategy):
+            # Any wrapping strategy all-reduces gradients: only DDP over gloo handles sparse ones
+            # (NCCL refuses them even with a single GPU; FSDP flattens parameters).
             strategy = trainer.strategy
             backend = getattr(strategy, "_process_group_backend", None) or getattr(strategy, "process_group_backend", None)
-            is_ddp = type(strategy).__name__.startswith("DDP")
-            sparse = is_ddp and backend == "gloo"
+            sparse = isinstance(strategy, DDPStrategy) and backend == "gloo"
         self.set_sparse_embeddings(sparse)
 
     def setup(self, stage: str) -> None:
@@ -278,7 +285,7 @@ class RecModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         opts = self.optimizers()
         opt = opts[0] if isinstance(opts, list) else opts
-        self.log("learning_rate", float(opt.param_groups[-1]["lr"]), on_step=False, on_epoch=True)
+        self.log("learning_rate", float(opt.param_groups[-1]["lr"]), on_step=False, on_epoch=True, sync_dist=True)
         self._epoch_clock = (time.perf_counter(), 0)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -290,4 +297,4 @@ class RecModule(L.LightningModule):
         t0, rows = getattr(self, "_epoch_clock", (None, 0))
         if t0 is not None and rows:
             # training throughput of this process, whole epoch (data loading included)
-            self.log("train/rows_per_sec", rows / (time.perf_counter() - t0), on_step=False, on_epoch=True)
+            self.log("train/rows_per_sec", rows / (time.perf_counter() - t0), on_step=False, on_epoch=True, sync_dist=True)

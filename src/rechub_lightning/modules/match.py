@@ -123,8 +123,8 @@ class MatchModule(RecModule):
     BPR against every other item; with it, ``ratio`` negatives per row are drawn without
     replacement (uniformly, or the hardest with ``hard_negative``) by a vectorised
     sampler that never returns the row's own column. ``mask_accidental_hits`` removes
-    columns holding the row's item again. Point-wise (mode 0) batches keep only their
-    positive rows (label 1). Multi-interest users score an item by their best interest.
+    columns holding the row's item again. Point-wise batches (labels 0/1: the datamodule's
+    ``mode`` is 0, or this module's without a datamodule) keep only their positive rows. Multi-interest users score an item by their best interest.
 
     **Evaluation.** At the start of validation/test the item corpus
     (``trainer.datamodule.item_corpus()``, or :meth:`set_item_corpus`) is embedded in
@@ -199,7 +199,7 @@ class MatchModule(RecModule):
         scheduler_params: dict[str, Any] | None = None,
         scheduler_interval: str = "epoch",
         scheduler_monitor: str | None = None,
-        sparse_embeddings: bool = False,
+        sparse_embeddings: bool | None = None,
         embedding_optimizer: str = "sparse_adam",
         embedding_optimizer_params: dict[str, Any] | None = None,
     ) -> None:
@@ -339,9 +339,14 @@ class MatchModule(RecModule):
             self._generator.manual_seed(int(self.sampler_seed))
         return self._generator
 
+    def _point_wise_labels(self) -> bool:
+        """Whether batch labels are 0/1 point-wise labels (the datamodule's mode, else this module's)."""
+        dm_mode = getattr(self._datamodule(), "mode", None)
+        return int(dm_mode) == 0 if dm_mode is not None else self.mode == 0
+
     def in_batch_loss(self, x: dict[str, torch.Tensor], y: torch.Tensor | None = None) -> torch.Tensor:
         """The in-batch negative loss of a batch (see the class docstring)."""
-        if self.mode == 0 and y is not None:
+        if y is not None and self._point_wise_labels():
             keep = y.reshape(-1) > 0
             if not bool(keep.all()):
                 x = {k: v[keep] for k, v in x.items()}

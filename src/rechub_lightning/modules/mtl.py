@@ -270,6 +270,7 @@ class MTLModule(RecModule):
         return out, self.task_losses(out, y.to(out.device)), self.extra_loss(out)
 
     def trained_losses(self, losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The losses the weighting combines (all, or the model's ``trained_tasks``)."""
         return [losses[i] for i in self.trained_tasks]
 
     # ------------------------------------------------------------------ manual optimisation

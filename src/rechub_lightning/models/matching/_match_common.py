@@ -324,8 +324,11 @@ class SessionModel(MatchModel):
         return self.embedding.embed_sequence({self.item_history_feature.name: ids}, self.item_history_feature)[0]
 
     def all_item_embeddings(self) -> torch.Tensor:
-        """The whole item table ``(vocab_size, D)`` (row = item id)."""
-        return self.embedding.rows(self.item_history_feature)
+        """The whole item table ``(vocab_size, D)`` (row = item id), looked up so that sparse
+        embedding gradients stay sparse."""
+        table = self.embedding.table_for(self.item_history_feature)
+        ids = torch.arange(self.item_history_feature.vocab_size, device=table.weight.device)
+        return self.item_embedding(ids)
 
     def item_tower(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         """Embedding ``(B, D)`` of the batch's target items."""

@@ -80,7 +80,7 @@ class STAMP(SessionModel):
         for lin in (self.f_s[1], self.f_t[1]):
             nn.init.normal_(lin.weight, std=emb_std)
             nn.init.zeros_(lin.bias)
-        init_rows_(self.all_item_embeddings(), emb_std, self.item_history_feature.padding_idx)
+        init_rows_(self.embedding.rows(self.item_history_feature), emb_std, self.item_history_feature.padding_idx)
 
     def user_tower(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         """User (session) embedding ``h_s * h_t``, ``(B, D)``."""
