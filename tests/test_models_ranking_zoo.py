@@ -349,6 +349,17 @@ def test_din_softmax_attention_excludes_padding():
     torch.testing.assert_close(w.sum(dim=1), torch.tensor([1.0, 1.0, 0.0]))
 
 
+def test_bst_positions_start_at_the_item_embedding_scale():
+    # The reference's N(0, 1) positions drown items initialised at N(0, 1e-4).
+    c, h, t = sequence_features()
+    model = BST(c, h, t, MLP, nhead=2, max_seq_len=L + 1)
+    assert model.pos_embedding.weight.std() < 1e-3
+    wide = BST(*sequence_features(init=WIDE), MLP, nhead=2, max_seq_len=L + 1)
+    assert 0.3 < wide.pos_embedding.weight.std() < 0.7
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        BST(c, h, t, MLP, nhead=2, max_seq_len=L)(sequence_batch())
+
+
 def test_left_align_keeps_order():
     seq = torch.tensor([[0, 5, 0, 7], [1, 2, 0, 0], [0, 0, 0, 0]])
     aligned, mask, _ = left_align(seq.unsqueeze(-1).float(), seq != 0)

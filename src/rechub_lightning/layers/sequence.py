@@ -191,6 +191,6 @@ def auxiliary_loss(
         return states.sum() * 0.0
     pos_logit = (h * positives[:, 1:][valid]).sum(dim=-1)
     neg_logit = (h * negatives[:, 1:][valid]).sum(dim=-1)
-    return F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit)) + F.binary_cross_entropy_with_logits(
-        neg_logit, torch.zeros_like(neg_logit)
-    )
+    pos_loss = F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit))
+    neg_loss = F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit))
+    return pos_loss + neg_loss

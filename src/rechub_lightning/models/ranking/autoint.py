@@ -68,7 +68,10 @@ class AutoInt(RecModel):
             {f.name: nn.Linear(f.embed_dim, self.embed_dim, bias=False) for f in self.dense_features}
         )
         self.interacting_layers = nn.ModuleList(
-            [InteractingLayer(self.embed_dim, num_heads=num_heads, dropout=dropout, residual=True) for _ in range(num_layers)]
+            [
+                InteractingLayer(self.embed_dim, num_heads=num_heads, dropout=dropout, residual=True)
+                for _ in range(num_layers)
+            ]
         )
         self.linear = LR(self.dims)
         self.attn_linear = nn.Linear(self.dims, 1)

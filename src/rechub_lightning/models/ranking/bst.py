@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...features import Feature, FeatureSchema
+from ...features import Feature, FeatureSchema, RandomNormal, RandomUniform, XavierNormal, XavierUniform
 from ...layers import MLP, EmbeddingLayer, TransformerBlock
 from ..base import RecModel
 from ._common import mlp_kwargs, total_dim
@@ -23,7 +23,8 @@ class BST(RecModel):
 
     At each position the history features are concatenated into one token (so
     ``sum(history widths) == sum(target widths)``), a learned absolute position embedding is
-    added (the paper uses time differences), padding positions are masked from attention.
+    added (the paper uses time differences; it starts at the scale of the item embeddings),
+    padding positions are masked from attention.
 
     Args:
         features: user-profile/context features (default: ``"dense+sparse"`` of ``schema``
@@ -65,12 +66,26 @@ class BST(RecModel):
         self.max_seq_len = max_seq_len
         self.item_dim = total_dim(self.history_features)
         if self.item_dim % nhead != 0:
-            raise ValueError(f"BST: the token width {self.item_dim} (sum of history widths) must be divisible by nhead={nhead}")
+            raise ValueError(
+                f"BST: the token width {self.item_dim} (sum of history widths) must be divisible by nhead={nhead}"
+            )
         self.all_dims = total_dim(self.features + self.target_features) + self.item_dim
         self.embedding = EmbeddingLayer(self.features + self.history_features + self.target_features)
         self.pos_embedding = nn.Embedding(max_seq_len, self.item_dim)
+        # Position vectors start at the scale of the item embeddings they are added to. The
+        # reference keeps nn.Embedding's N(0, 1), which drowns items initialised at N(0, 1e-4):
+        # attention then sees positions only and BST barely learns (measured).
+        init = self.target_features[0].initializer if self.target_features else None
+        with torch.no_grad():
+            if isinstance(init, (RandomNormal, RandomUniform, XavierNormal, XavierUniform)):
+                init.init_(self.pos_embedding.weight)
+            else:
+                nn.init.normal_(self.pos_embedding.weight, 0.0, 1e-4)
         self.transformer_layers = nn.ModuleList(
-            [TransformerBlock(self.item_dim, nhead, dim_feedforward, dropout, activation="leakyrelu") for _ in range(num_layers)]
+            [
+                TransformerBlock(self.item_dim, nhead, dim_feedforward, dropout, activation="leakyrelu")
+                for _ in range(num_layers)
+            ]
         )
         self.mlp = MLP(self.all_dims, **{**mlp_kwargs(mlp_params), "output_layer": True})
 
@@ -86,7 +101,9 @@ class BST(RecModel):
         target = torch.cat(targets, dim=-1)  # (B, item_dim)
         seq = torch.cat([hist, target.unsqueeze(1)], dim=1)  # candidate last
         if seq.shape[1] > self.max_seq_len:
-            raise ValueError(f"BST: sequence length {seq.shape[1]} (history + 1) exceeds max_seq_len={self.max_seq_len}")
+            raise ValueError(
+                f"BST: sequence length {seq.shape[1]} (history + 1) exceeds max_seq_len={self.max_seq_len}"
+            )
         # Through the module (not .weight) so the table can take row-sparse gradients.
         seq = seq + self.pos_embedding(torch.arange(seq.shape[1], device=seq.device))
         key_padding = torch.cat([padding, padding.new_zeros(padding.shape[0], 1)], dim=1)  # type: ignore[union-attr]

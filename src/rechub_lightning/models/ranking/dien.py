@@ -70,7 +70,9 @@ class DIEN(RecModel):
             schema = FeatureSchema.from_dict(schema)
         if neg_history_features is None:
             has_group = schema is not None and NEG_HISTORY_GROUP in schema.groups
-            negs = resolve_features(NEG_HISTORY_GROUP, schema, NEG_HISTORY_GROUP, "neg_history_features") if has_group else []
+            negs = (
+                resolve_features(NEG_HISTORY_GROUP, schema, NEG_HISTORY_GROUP, "neg_history_features") if has_group else []
+            )
         else:
             negs = resolve_features(neg_history_features, schema, NEG_HISTORY_GROUP, "neg_history_features")
         self.features, self.history_features, self.target_features = resolve_sequence_inputs(

@@ -94,7 +94,9 @@ def history_embedding(
     return seq * mask.unsqueeze(-1).to(seq.dtype), mask
 
 
-def target_embeddings(embedding: EmbeddingLayer, x: dict[str, torch.Tensor], targets: list[Feature]) -> list[torch.Tensor]:
+def target_embeddings(
+    embedding: EmbeddingLayer, x: dict[str, torch.Tensor], targets: list[Feature]
+) -> list[torch.Tensor]:
     """One ``(B, D_i)`` embedding per target feature."""
     flat = embedding(x, targets, squeeze_dim=True)
     return list(flat.split([t.embed_dim for t in targets], dim=1))
@@ -142,7 +144,9 @@ class DIN(RecModel):
         attention = dict(attention_mlp_params or {})
         unknown = set(attention) - {"dims", "activation", "use_softmax"}
         if unknown:
-            raise ValueError(f"attention_mlp_params has unknown keys {sorted(unknown)}; allowed: dims, activation, use_softmax")
+            raise ValueError(
+                f"attention_mlp_params has unknown keys {sorted(unknown)}; allowed: dims, activation, use_softmax"
+            )
         self.attention_layers = nn.ModuleList([ActivationUnit(f.embed_dim, **attention) for f in self.history_features])
         params = {**mlp_kwargs(mlp_params), "output_layer": True}
         if mlp_params is None or "activation" not in mlp_params:

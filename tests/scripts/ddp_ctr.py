@@ -1,0 +1,63 @@
+"""DDP exactness on CPU: `python ddp_ctr.py prepare OUT` then `python ddp_ctr.py ddp OUT`.
+
+prepare: train one epoch in one process, keep the checkpoint, write single-process validation
+metrics and predictions. ddp: the same validation and prediction with 2 gloo processes
+(Lightning's `ddp` launcher re-runs this script for rank 1), plus a 1-epoch training run that
+records which rows each rank trained on.
+"""
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import torch
+from lightning import Trainer
+
+from rechub_lightning import CTRModule
+from rechub_lightning.data import CTRDataModule, make_criteo_like
+from rechub_lightning.models.ranking import DeepFM
+from rechub_lightning.prediction import PredictionWriter
+
+mode, out = sys.argv[1], sys.argv[2]
+torch.set_num_threads(1)
+quiet = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+# 3011 rows -> 301 validation rows: not divisible by the world size
+dm = CTRDataModule(synthetic_rows=3011, synthetic_max_vocab=300, batch_size=256, eval_batch_size=64)
+ckpt = os.path.join(out, "model.ckpt")
+
+if mode == "prepare":
+    module = CTRModule(DeepFM(schema=dm.schema, mlp_params={"dims": [32]}))
+    t = Trainer(max_epochs=1, devices=1, default_root_dir=out, **quiet)
+    t.fit(module, dm)
+    shutil.copy(t.checkpoint_callback.best_model_path, ckpt)
+    res = Trainer(devices=1, **quiet).validate(CTRModule.load_from_checkpoint(ckpt), dm, ckpt_path=ckpt, verbose=False)[0]
+    json.dump({**res, "n_val": len(dm.dataset("val"))}, open(os.path.join(out, "single.json"), "w"))
+    Trainer(devices=1, callbacks=[PredictionWriter(os.path.join(out, "single.csv"))], **quiet).predict(
+        CTRModule.load_from_checkpoint(ckpt), dm, return_predictions=False)
+else:
+    t = Trainer(devices=2, strategy="ddp", **quiet)
+    res = t.validate(CTRModule.load_from_checkpoint(ckpt), dm, ckpt_path=ckpt, verbose=False)[0]
+    if t.is_global_zero:
+        json.dump(res, open(os.path.join(out, "ddp.json"), "w"))
+    Trainer(devices=2, strategy="ddp", callbacks=[PredictionWriter(os.path.join(out, "ddp.csv"))], **quiet).predict(
+        CTRModule.load_from_checkpoint(ckpt), dm, return_predictions=False)
+
+    # which rows does each rank train on? an unscaled dense column carries the row id
+    df = make_criteo_like(n_rows=2000, max_vocab=200, seed=3)
+    df["rid"] = np.arange(len(df), dtype=np.float64)
+    dm2 = CTRDataModule(data=df, sparse_features=[f"C{i}" for i in range(1, 27)], dense_features=["rid"],
+                        dense_scaling="none", batch_size=100)
+
+    class Recording(CTRModule):
+        rows: list = []
+
+        def training_step(self, batch, batch_idx):
+            self.rows.extend(batch[0]["rid"].long().tolist())
+            return super().training_step(batch, batch_idx)
+
+    module = Recording(DeepFM(schema=dm2.schema, mlp_params={"dims": [8]}))
+    t = Trainer(max_epochs=1, devices=2, strategy="ddp", limit_val_batches=0, enable_checkpointing=False, **quiet)
+    t.fit(module, dm2)
+    torch.save({"rows": module.rows, "n_train": len(dm2.dataset("train"))}, os.path.join(out, f"rows{t.global_rank}.pt"))
