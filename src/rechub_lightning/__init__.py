@@ -1,8 +1,8 @@
 """rechub-lightning: Torch-RecHub's recommender models and trainers on PyTorch Lightning."""
 
 from .features import DenseFeature, FeatureSchema, SequenceFeature, SparseFeature
-from .modules import CTRModule, MTLModule, RecModule
-from .trainers import CTRTrainer, MTLTrainer
+from .modules import CTRModule, MatchModule, MTLModule, RecModule
+from .trainers import CTRTrainer, MatchTrainer, MTLTrainer
 
 __version__ = "0.1.0"
 
@@ -13,8 +13,10 @@ __all__ = [
     "FeatureSchema",
     "RecModule",
     "CTRModule",
+    "MatchModule",
     "MTLModule",
     "CTRTrainer",
+    "MatchTrainer",
     "MTLTrainer",
     "__version__",
 ]

@@ -27,7 +27,7 @@ from .models.base import returns_logits
 from .modules.base import RecModule, split_batch
 from .modules.ctr import CTRModule
 
-__all__ = ["CTRTrainer", "MTLTrainer", "ReferenceLoggerAdapter", "device_config"]
+__all__ = ["CTRTrainer", "MatchTrainer", "MTLTrainer", "ReferenceLoggerAdapter", "device_config"]
 
 
 def device_config(device: str | torch.device = "cpu", gpus: Iterable[int] | None = None) -> dict[str, Any]:
@@ -301,5 +301,6 @@ class CTRTrainer(_FacadeBase):
         return preds.cpu().tolist()
 
 
-# The multi-task facade lives in its own file (it subclasses _FacadeBase defined above).
+# The matching and multi-task facades live in their own files (it subclasses _FacadeBase defined above).
+from ._match_trainer import MatchTrainer  # noqa: E402
 from ._mtl_trainer import MTLTrainer  # noqa: E402

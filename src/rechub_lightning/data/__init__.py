@@ -4,6 +4,7 @@ from .base import TabularDataModule, as_frame, read_table
 from .ctr import CTRDataModule
 from .datasets import ShuffledBatchSampler, TensorDictDataset, UnrepeatedBatchSampler, make_dataloader
 from .generator import DataGenerator, MatchDataGenerator
+from .match import MatchDataModule
 from .mtl import MTLDataModule
 from .preprocessing import CategoryEncoder, DenseScaler, Preprocessor
 from .sequence import (
@@ -21,6 +22,7 @@ from .synthetic_seq import make_amazon_like, make_census_like, make_movielens_li
 __all__ = [
     "CTRDataModule",
     "MTLDataModule",
+    "MatchDataModule",
     "TabularDataModule",
     "DataGenerator",
     "MatchDataGenerator",

@@ -2,7 +2,8 @@
 
 from .base import RecModule
 from .ctr import CTRModule
+from .match import MatchModule
 from .mtl import MTLModule
 from .optim import HybridOptimizer
 
-__all__ = ["RecModule", "CTRModule", "MTLModule", "HybridOptimizer"]
+__all__ = ["RecModule", "CTRModule", "MatchModule", "MTLModule", "HybridOptimizer"]

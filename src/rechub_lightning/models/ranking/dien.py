@@ -100,7 +100,7 @@ class DIEN(RecModel):
         """Negative behaviours ``(B, L, D)`` aligned with the (left-aligned) history ``i``, and their mask."""
         if self.neg_history_features:
             neg, neg_mask = history_embedding(self.embedding, x, self.neg_history_features[i])
-            neg = neg.gather(1, order.unsqueeze(-1).expand_as(neg))
+            neg = neg.gather(1, order.unsqueeze(-1).expand(-1, -1, neg.shape[-1]))
             return neg, neg_mask.gather(1, order)
         assert perm is not None
         ids = x[self.history_features[i].name].long().gather(1, order)
@@ -118,6 +118,10 @@ class DIEN(RecModel):
         for i, feature in enumerate(self.history_features):
             seq, mask = history_embedding(self.embedding, x, feature)
             seq, mask, order = left_align(seq, mask)
+            # Behaviours now come first: drop the columns that are padding in every row, so the
+            # recurrent layers run for the longest history of the batch, not the padded length.
+            longest = max(int(mask.sum(dim=1).max()), 1)
+            seq, mask, order = seq[:, :longest], mask[:, :longest], order[:, :longest]
             states = self.interest_extractor_layers[i](seq, mask)
             if with_aux:
                 neg, neg_mask = self._negatives(x, i, seq, mask, order, perm)
