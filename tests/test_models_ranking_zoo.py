@@ -360,6 +360,15 @@ def test_bst_positions_start_at_the_item_embedding_scale():
         BST(c, h, t, MLP, nhead=2, max_seq_len=L)(sequence_batch())
 
 
+def test_transformer_block_last_only_is_the_last_row():
+    from rechub_lightning.layers import TransformerBlock
+
+    block = TransformerBlock(8, 2, 16, dropout=0.1).eval()
+    x = torch.randn(4, 5, 8)
+    pad = torch.tensor([[False] * 5, [True, True, False, False, False], [False] * 5, [True] * 4 + [False]])
+    torch.testing.assert_close(block(x, pad, last_only=True), block(x, pad)[:, -1:])
+
+
 def test_left_align_keeps_order():
     seq = torch.tensor([[0, 5, 0, 7], [1, 2, 0, 0], [0, 0, 0, 0]])
     aligned, mask, _ = left_align(seq.unsqueeze(-1).float(), seq != 0)

@@ -126,7 +126,9 @@ class TransformerBlock(nn.Module):
         activation: feed-forward activation name (see :func:`activation_layer`).
 
     Shape:
-        ``x (B, L, d_model), key_padding_mask (B, L) with True at padding -> (B, L, d_model)``.
+        ``x (B, L, d_model), key_padding_mask (B, L) with True at padding -> (B, L, d_model)``;
+        with ``last_only`` only the last position is computed, ``(B, 1, d_model)`` (the same
+        values as the last row of the full output, at ``1/L`` of the attention and FFN cost).
     """
 
     def __init__(
@@ -150,9 +152,12 @@ class TransformerBlock(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.activation = activation_layer(activation)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        attn, _ = self.self_attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False)
-        x = self.norm1(x + self.dropout1(attn))
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        query = x[:, -1:] if last_only else x
+        attn, _ = self.self_attn(query, x, x, key_padding_mask=key_padding_mask, need_weights=False)
+        x = self.norm1(query + self.dropout1(attn))
         ff = self.linear2(self.dropout(self.activation(self.linear1(x))))
         return self.norm2(x + self.dropout2(ff))
 

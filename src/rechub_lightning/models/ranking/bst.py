@@ -107,8 +107,10 @@ class BST(RecModel):
         # Through the module (not .weight) so the table can take row-sparse gradients.
         seq = seq + self.pos_embedding(torch.arange(seq.shape[1], device=seq.device))
         key_padding = torch.cat([padding, padding.new_zeros(padding.shape[0], 1)], dim=1)  # type: ignore[union-attr]
-        for block in self.transformer_layers:
-            seq = block(seq, key_padding)
+        last = len(self.transformer_layers) - 1
+        for i, block in enumerate(self.transformer_layers):
+            # Only the candidate's output is used: the last block computes that position alone.
+            seq = block(seq, key_padding, last_only=i == last)
         parts = [seq[:, -1], *targets]
         if self.features:
             parts.append(self.embedding(x, self.features, squeeze_dim=True))
