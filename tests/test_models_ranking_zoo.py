@@ -377,6 +377,11 @@ def test_left_align_keeps_order():
 
 
 # ----------------------------------------------------------------------------- reference equality
+# Compared: EDCN (regulation off), FiBiNet (sparse only), DeepFFM, FatDeepFFM, AutoInt, DIN and
+# DIEN (Dice swapped for ReLU on both sides), BST, and the CIN/FFM/SENET/interacting layers.
+# Not compared, because a documented fix changes the math: AFM (the reference's attention is a
+# softmax over one logit, always 1), EDCN's regulation gates (softmax of a scalar, always 1),
+# FiBiNet with dense features (the reference drops them). xDeepFM and FinalMLP have no reference.
 trh = pytest.importorskip("torch_rechub")
 
 
