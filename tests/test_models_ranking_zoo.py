@@ -138,6 +138,7 @@ def _sequence_models():
         ("DIEN-inbatch", lambda: DIEN(c, h, None, t, MLP)),
         ("DIEN-negatives", lambda: DIEN(c, h, negs, t, MLP, alpha=0.5)),
         ("BST", lambda: BST(c, h, t, MLP, nhead=2, dropout=0.1, num_layers=2, max_seq_len=L + 1, dim_feedforward=32)),
+        ("BST-reference-math", lambda: BST(c, h, t, MLP, nhead=2, max_seq_len=L + 1, input_norm=False)),
     ]
 
 
@@ -378,7 +379,8 @@ def test_left_align_keeps_order():
 
 # ----------------------------------------------------------------------------- reference equality
 # Compared: EDCN (regulation off), FiBiNet (sparse only), DeepFFM, FatDeepFFM, AutoInt, DIN and
-# DIEN (Dice swapped for ReLU on both sides), BST, and the CIN/FFM/SENET/interacting layers.
+# DIEN (Dice swapped for ReLU on both sides), BST (input_norm=False), and the CIN/FFM/SENET/
+# interacting layers.
 # Not compared, because a documented fix changes the math: AFM (the reference's attention is a
 # softmax over one logit, always 1), EDCN's regulation gates (softmax of a scalar, always 1),
 # FiBiNet with dense features (the reference drops them). xDeepFM and FinalMLP have no reference.
@@ -570,7 +572,8 @@ def test_bst_equals_reference():
     F, init, R = _ref_modules()
     rc, rh, rt, oc, oh, ot = _sequence_pair(init)
     kw = dict(nhead=2, dropout=0.1, num_layers=2, max_seq_len=L + 1)
-    ref, ours = R.BST(rc, rh, rt, dict(MLP), **kw), BST(oc, oh, ot, MLP, **kw)
+    # input_norm=False: our default adds a LayerNorm on the input tokens (documented deviation)
+    ref, ours = R.BST(rc, rh, rt, dict(MLP), **kw), BST(oc, oh, ot, MLP, **kw, input_norm=False)
     _copy_tables(ours.embedding, ref.embedding, rc + rt)
     _copy_params(ours, ref, rename=lambda k: k.replace("transformer_layers.layers.", "transformer_layers."))
     ref.eval(), ours.eval()

@@ -39,6 +39,11 @@ class BST(RecModel):
         max_seq_len: longest history + 1 (size of the position table).
         dim_feedforward: hidden width of the transformer's feed-forward network (the
             reference uses PyTorch's default, 2048).
+        input_norm: layer-normalise each token (item + position) before the first block, as
+            BERT does with its input embeddings. Not in the paper nor the reference
+            (``input_norm=False`` reproduces them); with embeddings initialised at ``N(0, 1e-4)``
+            the attention logits start near zero and BST learns slowly without it (measured
+            on the Amazon-shaped default data: val AUC 0.843 -> 0.908 after 3 epochs).
         schema: the datamodule's feature schema (filled in by the CLI).
 
     Shape:
@@ -57,6 +62,7 @@ class BST(RecModel):
         max_seq_len: int = 51,
         *,
         dim_feedforward: int = 2048,
+        input_norm: bool = True,
         schema: FeatureSchema | None = None,
     ) -> None:
         super().__init__()
@@ -81,6 +87,7 @@ class BST(RecModel):
                 init.init_(self.pos_embedding.weight)
             else:
                 nn.init.normal_(self.pos_embedding.weight, 0.0, 1e-4)
+        self.input_norm = nn.LayerNorm(self.item_dim) if input_norm else None
         self.transformer_layers = nn.ModuleList(
             [
                 TransformerBlock(self.item_dim, nhead, dim_feedforward, dropout, activation="leakyrelu")
@@ -106,6 +113,8 @@ class BST(RecModel):
             )
         # Through the module (not .weight) so the table can take row-sparse gradients.
         seq = seq + self.pos_embedding(torch.arange(seq.shape[1], device=seq.device))
+        if self.input_norm is not None:
+            seq = self.input_norm(seq)
         key_padding = torch.cat([padding, padding.new_zeros(padding.shape[0], 1)], dim=1)  # type: ignore[union-attr]
         last = len(self.transformer_layers) - 1
         for i, block in enumerate(self.transformer_layers):
