@@ -226,9 +226,12 @@ def test_sasrec_sequence_to_sequence_mode():
 
 
 # --------------------------------------------------------------------------- reference equality
-trh = pytest.importorskip("torch_rechub")
-from torch_rechub.basic import features as rf  # noqa: E402
-from torch_rechub.models import matching as rm  # noqa: E402
+try:
+    from torch_rechub.basic import features as rf
+    from torch_rechub.models import matching as rm
+except ImportError:  # the reference is a dev/bench extra
+    rf = rm = None
+needs_reference = pytest.mark.skipif(rm is None, reason="torch-rechub 0.9.0 is not installed")
 
 
 def _ref_features():
@@ -266,6 +269,7 @@ def _full_batch(seed=0):
     return x
 
 
+@needs_reference
 def test_dssm_equals_reference_with_its_temperature_fixed():
     ru, rh, ri = _ref_features()
     ou, oh, oi = _ours_features()
@@ -285,6 +289,7 @@ def test_dssm_equals_reference_with_its_temperature_fixed():
         ref.mode = ours.mode = None
 
 
+@needs_reference
 def test_youtube_dnn_equals_reference():
     ru, rh, ri = _ref_features()
     ou, oh, oi = _ours_features()
@@ -301,6 +306,7 @@ def test_youtube_dnn_equals_reference():
         torch.testing.assert_close(ours(x), ref(x))
 
 
+@needs_reference
 def test_gru4rec_fixes_the_reference_output_shape():
     ru, _, ri = _ref_features()
     ou, _, oi = _ours_features()
@@ -321,6 +327,7 @@ def test_gru4rec_fixes_the_reference_output_shape():
     torch.testing.assert_close(ours(x), ref(x))
 
 
+@needs_reference
 def test_narm_and_stamp_equal_reference_on_unpadded_sessions():
     rhist = rf.SequenceFeature("hist_movie_id", V, D, pooling="concat")
     ohist = SequenceFeature("hist_movie_id", V, D, pooling="concat", padding_idx=0)

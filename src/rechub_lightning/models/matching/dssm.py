@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from ...features import Feature, FeatureSchema
 from ...layers import MLP, EmbeddingLayer
 from ._match_common import (
-    resolve_group,
     MatchModel,
     check_temperature,
     dot_logits,
     negative_inputs,
     pair_negatives,
+    resolve_group,
     resolve_optional,
     total_dim,
     tower_params,

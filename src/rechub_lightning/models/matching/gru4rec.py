@@ -15,12 +15,12 @@ from ...features import Feature, FeatureSchema, SequenceFeature
 from ...layers import MLP, EmbeddingLayer
 from ...layers.sequence import left_align
 from ._match_common import (
-    resolve_group,
     MatchModel,
     check_temperature,
     dot_logits,
     negative_inputs,
     pair_negatives,
+    resolve_group,
     resolve_optional,
     schema_item_id,
     sequence_mask,

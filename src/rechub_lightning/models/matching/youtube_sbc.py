@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ...features import Feature, FeatureSchema
 from ...layers import MLP, EmbeddingLayer
 from ...losses import masked_fill_value
-from ._match_common import resolve_group, MatchModel, check_temperature, resolve_optional, total_dim, tower_params
+from ._match_common import MatchModel, check_temperature, resolve_group, resolve_optional, total_dim, tower_params
 
 __all__ = ["YoutubeSBC"]
 
