@@ -37,11 +37,11 @@ if mode == "prepare":
     Trainer(devices=1, callbacks=[PredictionWriter(os.path.join(out, "single.csv"))], **quiet).predict(
         CTRModule.load_from_checkpoint(ckpt), dm, return_predictions=False)
 else:
-    t = Trainer(devices=2, strategy="ddp", **quiet)
+    t = Trainer(devices=2, strategy="ddp", default_root_dir=out, **quiet)
     res = t.validate(CTRModule.load_from_checkpoint(ckpt), dm, ckpt_path=ckpt, verbose=False)[0]
     if t.is_global_zero:
         json.dump(res, open(os.path.join(out, "ddp.json"), "w"))
-    Trainer(devices=2, strategy="ddp", callbacks=[PredictionWriter(os.path.join(out, "ddp.csv"))], **quiet).predict(
+    Trainer(devices=2, strategy="ddp", default_root_dir=out, callbacks=[PredictionWriter(os.path.join(out, "ddp.csv"))], **quiet).predict(
         CTRModule.load_from_checkpoint(ckpt), dm, return_predictions=False)
 
     # which rows does each rank train on? an unscaled dense column carries the row id

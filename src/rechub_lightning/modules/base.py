@@ -8,6 +8,7 @@ metrics and (multi-task) the optimisation step.
 
 from __future__ import annotations
 
+import atexit
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,6 +22,32 @@ from torch import nn
 from ..losses import RegularizationLoss
 from ..models.base import build_model, model_spec, returns_logits
 from .optim import HybridOptimizer, callable_path, resolve_callable, split_embedding_parameters
+
+_CLEANUP_REGISTERED = False
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Destroy the default process group before the interpreter shuts down.
+
+    Lightning leaves the process group alive after ``fit``/``validate``/``predict`` (later calls
+    reuse it). If a process then exits with it alive, gloo's worker threads can still hold work
+    objects whose tensors are freed during interpreter finalization, which aborts the process
+    (``terminate called without an active exception``, exit status -6) after a successful run.
+    An ``atexit`` handler runs while the interpreter is still intact; it is a no-op when the
+    user destroyed the group already.
+    """
+    global _CLEANUP_REGISTERED
+    if _CLEANUP_REGISTERED or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    def _cleanup() -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            try:
+                torch.distributed.destroy_process_group()
+            except Exception:  # noqa: BLE001 - never turn a finished run into a failure at exit
+                pass
+
+    atexit.register(_cleanup)
+    _CLEANUP_REGISTERED = True
 
 __all__ = ["RecModule", "split_batch", "clip_sparse_aware_"]
 
@@ -178,6 +205,7 @@ class RecModule(L.LightningModule):
         self.set_sparse_embeddings(sparse)
 
     def setup(self, stage: str) -> None:
+        _destroy_process_group_at_exit()
         if stage == "fit":
             self._resolve_sparse()
             self._check_singleton_batch()
