@@ -21,16 +21,13 @@ and report the best-checkpoint test AUC.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import resource
-import subprocess
-import sys
 import time
 from typing import Any
 
 import numpy as np
+
+from ._common import child_result, epoch_seconds, epoch_timer, machine, peak_rss_mb, run_child, split, write_json
 
 MLP = {"dims": [256, 128], "dropout": 0.2, "activation": "relu"}
 EMBED_DIM = 16
@@ -52,18 +49,8 @@ def make_arrays(rows: int, max_vocab: int, seed: int = 2022) -> tuple[dict[str, 
     return x, df["label"].to_numpy(dtype=np.float32), vocab
 
 
-def split(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    perm = np.random.default_rng(seed).permutation(n)
-    a, b = int(0.8 * n), int(0.9 * n)
-    return perm[:a], perm[a:b], perm[b:]
-
-
 def _take(x: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
     return {k: v[idx] for k, v in x.items()}
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 # ----------------------------------------------------------------------------- variants
@@ -112,10 +99,9 @@ def run_variant(name: str, rows: int, max_vocab: int, batch_size: int, es_epochs
         out["step_ms"] = 1000 * out["train_s"] / len(train_dl)
     else:
         import lightning as L
-        from lightning.pytorch.callbacks import Callback
 
         from rechub_lightning import CTRModule, CTRTrainer, DenseFeature, SparseFeature
-        from rechub_lightning.data import DataGenerator, TensorDictDataset, make_dataloader
+        from rechub_lightning.data import DataGenerator
         from rechub_lightning.models.ranking import DeepFM
 
         sparse = name != "trainer_dense"
@@ -124,16 +110,7 @@ def run_variant(name: str, rows: int, max_vocab: int, batch_size: int, es_epochs
         train_dl, val_dl, test_dl = DataGenerator(xt, yt, seed=0).generate_dataloader(xv, yv, xs, ys, batch_size=batch_size)
         model = DeepFM(d + s, s, MLP)
 
-        class Timer(Callback):
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                if batch_idx == 0:
-                    self.t0 = time.perf_counter()
-
-            def on_train_epoch_end(self, trainer, pl_module):
-                self.elapsed = time.perf_counter() - self.t0
-                self.steps = trainer.num_training_batches
-
-        timer = Timer()
+        timer = epoch_timer()
         quiet = dict(enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False)
         accel = "gpu" if device.startswith("cuda") else "cpu"
         if name in ("trainer", "trainer_dense"):
@@ -170,8 +147,7 @@ def run_variant(name: str, rows: int, max_vocab: int, batch_size: int, es_epochs
         else:
             raise ValueError(name)
         # the clock starts at the first step; scale to the whole epoch
-        out["train_s"] = timer.elapsed * timer.steps / max(timer.steps - 1, 1)
-        out["step_ms"] = 1000 * timer.elapsed / max(timer.steps - 1, 1)
+        out["train_s"], out["step_ms"] = epoch_seconds(timer.elapsed, timer.steps)
         t = time.perf_counter()
         out["test_auc_1ep"] = float(evaluate(model, test_dl))
         out["eval_s"] = time.perf_counter() - t
@@ -193,19 +169,6 @@ def run_variant(name: str, rows: int, max_vocab: int, batch_size: int, es_epochs
 
 
 # ----------------------------------------------------------------------------- driver
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    dev = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}{dev}"
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=500_000, help="total rows (80%% train)")
@@ -220,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args._child:
         name, rows, vocab, bs, es, device = args._child
-        print("RESULT " + json.dumps(run_variant(name, int(rows), int(vocab), int(bs), int(es), device)), flush=True)
+        child_result(run_variant(name, int(rows), int(vocab), int(bs), int(es), device))
         return
 
     print(f"# machine: {machine()}; device: {args.device}; rows: {args.rows}; batch: {args.batch_size}")
@@ -228,13 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     for vocab in args.vocabs:
         for name in args.variants:
             es = args.early_stopping if vocab == args.vocabs[0] else 0
-            cmd = [sys.executable, "-m", "benchmarks.ctr", "--_child", name, str(args.rows), str(vocab), str(args.batch_size), str(es), args.device]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                print(f"{name} @ vocab {vocab} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            r = run_child("benchmarks.ctr", name, args.rows, vocab, args.batch_size, es, args.device)
+            if r is None:
                 continue
-            r = json.loads(line[len("RESULT "):])
             results.append(r)
             print(f"{vocab:>9} {name:<14} train {r['train_rows_per_s']:>10,.0f} rows/s  step {r['step_ms']:7.1f} ms  "
                   f"AUC(1ep) {r['test_auc_1ep']:.4f}  eval {r['eval_rows_per_s']:>10,.0f} rows/s  "
@@ -258,9 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         mod = next((r for r in results if r["variant"] == "module" and r["max_vocab"] == vocab), None)
         if bare and mod:
             print(f"# Lightning overhead at vocab {vocab}: CTRModule step / bare step = {mod['step_ms'] / bare['step_ms']:.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "results": results}, f, indent=1)
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

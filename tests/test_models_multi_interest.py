@@ -429,3 +429,26 @@ def test_interests_learn_the_users_clusters(name):
         opt.step()
     # Measured with these seeds: MIND 0.53, ComirecSA 0.96, ComirecDR 0.67, SINE 0.58.
     assert _alignment(model, x_eval, pair_eval) > 2.5 * chance
+
+
+def test_sine_trains_with_sparse_feature_tables_and_dense_own_embeddings():
+    """Sparse gradients switch on the feature tables only: SINE reads its concept pool's and
+    position table's ``.weight`` directly, which must stay dense (SparseAdam refused them)."""
+    import lightning as L
+
+    from rechub_lightning import MatchModule
+    from rechub_lightning.data import MatchDataModule
+
+    dm = MatchDataModule(mode=2, neg_ratio=3, synthetic_users=80, synthetic_items=150, synthetic_interactions=(8, 16),
+                         seq_max_len=10, batch_size=64, embed_dim=8)
+    torch.manual_seed(0)
+    model = SINE(hidden_dim=8, num_concept=8, num_intention=2, seq_max_len=10, schema=dm.schema)
+    module = MatchModule(model, mode=2, sparse_embeddings=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(module, dm)
+    assert all(t.sparse for t in model.embedding.tables.values())
+    assert not model.concept_embedding.sparse and not model.position_embedding.sparse
+    after = model.state_dict()
+    for name in ("concept_embedding.weight", "position_embedding.weight", "w_1"):
+        assert not torch.equal(before[name], after[name]), name

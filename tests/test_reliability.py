@@ -22,16 +22,34 @@ def _run(script, *args, expect_kill=False):
 @pytest.mark.slow
 def test_ctr_sigkill_resume_equals_uninterrupted(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    _run("resume_ctr.py", full, -1, 0)
-    _run("resume_ctr.py", cut, 11, 0, expect_kill=True)  # killed mid-epoch 2 (9 steps per epoch)
+    _run("resume.py", "ctr", full, -1, 0)
+    _run("resume.py", "ctr", cut, 11, 0, expect_kill=True)  # killed mid-epoch 2 (9 steps per epoch)
     ckpt = torch.load(cut / "ckpt" / "last.ckpt", weights_only=True)
     assert 0 < ckpt["global_step"] < 27  # a mid-run checkpoint exists
-    _run("resume_ctr.py", cut, -1, 1)
+    _run("resume.py", "ctr", cut, -1, 1)
     a = torch.load(full / "final.pt", weights_only=True)
     b = torch.load(cut / "final.pt", weights_only=True)
     assert a.keys() == b.keys()
     diff = [k for k in a if not torch.equal(a[k], b[k])]
     assert not diff, f"resumed run differs in {diff}"
+    # the optimizer (SparseAdam for the tables + Adam for the rest) resumed exactly too
+    oa = torch.load(full / "final_opt.pt", weights_only=True)
+    ob = torch.load(cut / "final_opt.pt", weights_only=True)
+    assert oa["global_step"] == ob["global_step"] and oa["lr"] == ob["lr"]
+    ta, tb = _tensors(oa["optimizer"]), _tensors(ob["optimizer"])
+    assert len(ta) == len(tb) > 0
+    assert all(torch.equal(x, y) for x, y in zip(ta, tb))
+
+
+def _tensors(obj):
+    """Every tensor of a nested dict/list, in a deterministic order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj, key=str) for t in _tensors(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
 
 
 def test_atomic_checkpoint_never_leaves_a_torn_file(tmp_path, monkeypatch):
@@ -55,7 +73,73 @@ def test_atomic_checkpoint_never_leaves_a_torn_file(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_same_seed_bitwise_equal_state_dicts(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    _run("resume_ctr.py", a, -1, 0)
-    _run("resume_ctr.py", b, -1, 0)
+    _run("resume.py", "ctr", a, -1, 0)
+    _run("resume.py", "ctr", b, -1, 0)
     sa, sb = torch.load(a / "final.pt", weights_only=True), torch.load(b / "final.pt", weights_only=True)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.slow
+def test_mtl_gradnorm_sigkill_resume_equals_uninterrupted(tmp_path):
+    """Manual optimization (GradNorm): model, task weights, GradNorm's Adam moments and initial
+    losses, the optimizer and the step-interval scheduler all resume exactly."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _run("resume.py", "mtl", full, -1, 0)
+    _run("resume.py", "mtl", cut, 10, 0, expect_kill=True)  # killed mid-epoch 2 (7 steps per epoch)
+    ckpt = torch.load(cut / "ckpt" / "last.ckpt", weights_only=True)
+    assert 7 < ckpt["global_step"] < 21  # a mid-epoch checkpoint exists
+    assert bool(ckpt["state_dict"]["weighting.initialized"])
+    _run("resume.py", "mtl", cut, -1, 1)
+    a = torch.load(full / "final.pt", weights_only=True)
+    b = torch.load(cut / "final.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    assert {"weighting.task_weights", "weighting.exp_avg", "weighting.initial_losses"} <= set(a)
+    assert not torch.equal(a["weighting.task_weights"], torch.ones_like(a["weighting.task_weights"]))  # it did adapt
+    diff = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a if not torch.equal(a[k], b[k])}
+    assert all(d <= 1e-6 for d in diff.values()), f"resumed run differs: {diff}"
+    oa = torch.load(full / "final_opt.pt", weights_only=True)
+    ob = torch.load(cut / "final_opt.pt", weights_only=True)
+    assert oa["global_step"] == ob["global_step"] == 21
+    assert oa["lr"] == ob["lr"]
+    for pid, state in oa["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.allclose(value.double(), ob["optimizer"]["state"][pid][key].double(), atol=1e-6, rtol=0), (pid, key)
+
+
+def _train_ctr_with_workers(num_workers, ckpt_dir):
+    from lightning import Trainer, seed_everything
+
+    from rechub_lightning import CTRModule
+    from rechub_lightning.data import CTRDataModule
+    from rechub_lightning.models.ranking import DeepFM
+
+    seed_everything(11)
+    dm = CTRDataModule(synthetic_rows=1500, synthetic_max_vocab=200, batch_size=128, seed=3, num_workers=num_workers)
+    module = CTRModule(DeepFM(schema=dm.schema, mlp_params={"dims": [16], "dropout": 0.3}))
+    trainer = Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(ckpt_dir),
+        enable_checkpointing=False,
+        deterministic=True,
+    )
+    trainer.fit(module, dm)
+    val = trainer.validate(module, dm, verbose=False)[0]
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}, val
+
+
+@pytest.mark.slow
+def test_same_seed_same_result_with_or_without_workers(tmp_path):
+    """Workers never change batch composition, order, dropout masks or metrics."""
+    s0, m0 = _train_ctr_with_workers(0, tmp_path / "w0")
+    s2, m2 = _train_ctr_with_workers(2, tmp_path / "w2")
+    assert s0.keys() == s2.keys()
+    diff = [k for k in s0 if not torch.equal(s0[k], s2[k])]
+    assert not diff, f"num_workers=2 differs from num_workers=0 in {diff}"
+    assert m0 == m2
+    assert "val/auc" in m0

@@ -49,6 +49,17 @@ def test_topk_search_ties_lower_index_first(chunk_size: int, k: int) -> None:
     assert np.array_equal(scores.numpy(), want_scores)
 
 
+def test_topk_search_many_tied_rows_in_one_chunk() -> None:
+    # more ambiguous rows than the re-selection block (64): every row of the chunk is re-selected
+    users, items = tied_embeddings(200, 300, dim=2, seed=3)
+    users[::3] = 0.0  # every score of these users ties at 0
+    want_scores, want_idx = ref_topk(users @ items.T, 7)
+    scores, ids = topk_search(users, items, k=7, chunk_size=200)
+    assert np.array_equal(ids.numpy(), want_idx)
+    assert np.array_equal(scores.numpy(), want_scores)
+    assert np.array_equal(ids[::3].numpy(), np.tile(np.arange(7), (len(ids[::3]), 1)))
+
+
 def test_topk_search_k_larger_than_corpus() -> None:
     users, items = tied_embeddings(6, 5, seed=1)
     scores, ids = topk_search(users, items, k=50, chunk_size=4)

@@ -24,7 +24,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .checkpoint import AtomicCheckpointIO
 from .modules.base import RecModule
-from .prediction import PredictionWriter
+from .modules.match import MatchModule
+from .prediction import MatchPredictionWriter, PredictionWriter
 
 __all__ = ["RecHubCLI", "main"]
 
@@ -40,7 +41,18 @@ class RecHubCLI(LightningCLI):
             "--predict_output",
             type=Optional[str],
             default=None,
-            help="predict only: file for the predictions (.csv or .parquet); default <default_root_dir>/predictions.csv",
+            help=(
+                "predict only: file for the predictions (.csv or .parquet); default <default_root_dir>/predictions.csv. "
+                "Matching models write three tables: a file name is a prefix (preds.parquet -> "
+                "preds_user_embeddings.parquet, preds_item_embeddings.parquet, preds_topk.parquet), anything else "
+                "a directory (out/ -> out/user_embeddings.csv, out/item_embeddings.csv, out/topk.csv)"
+            ),
+        )
+        parser.add_argument(
+            "--predict_top_k",
+            type=int,
+            default=10,
+            help="predict only, matching models: items per user in the top-K table",
         )
         parser.add_argument(
             "--predict_id_columns",
@@ -65,6 +77,11 @@ class RecHubCLI(LightningCLI):
             return
         cfg = self.config[self.config.subcommand]
         output = cfg.get("predict_output") or os.path.join(self.trainer.default_root_dir, "predictions.csv")
+        if isinstance(self.model, MatchModule):
+            top_k = cfg.get("predict_top_k")
+            top_k = 10 if top_k is None else top_k
+            self.trainer.callbacks.append(MatchPredictionWriter(output, top_k, cfg.get("predict_id_columns") or ()))
+            return
         labels = list(getattr(getattr(self.datamodule, "schema", None), "labels", []) or [])
         columns = [f"pred_{label}" for label in labels] or None
         self.trainer.callbacks.append(PredictionWriter(output, columns, cfg.get("predict_id_columns") or (), labels))

@@ -2,7 +2,8 @@
 
 A model takes a dict of feature tensors; ONNX graphs take positional inputs. :func:`export_onnx`
 wraps the model so every feature becomes a named graph input with a dynamic batch dimension,
-and the output is what ``predict`` returns (probabilities for our logit models) or an
+and the output is what ``predict`` returns (probabilities for our logit models; multi-task
+models: probabilities for classification tasks, values for regression tasks) or an
 embedding (``tower="user"``/``"item"`` for matching models).
 """
 
@@ -21,12 +22,38 @@ from .models.base import returns_logits
 __all__ = ["export_onnx", "dummy_inputs", "model_features"]
 
 
+#: Feature attributes a matching tower reads, in input order: the user tower reads the user
+#: profile and the behaviour history (sequence and multi-interest models), the item tower the
+#: item features (session models: the one target item id feature).
+_TOWER_ATTRS = {
+    "user": ("user_features", "history_features", "item_history_feature"),
+    "item": ("item_features", "item_feature"),
+}
+
+
+def _tower_features(model: nn.Module, tower: str) -> list[Feature]:
+    found: dict[str, Feature] = {}
+    for attr in _TOWER_ATTRS[tower]:
+        value = getattr(model, attr, None)
+        values = [value] if isinstance(value, Feature) else value if isinstance(value, (list, tuple)) else []
+        for f in values:
+            if isinstance(f, Feature):
+                found.setdefault(f.name, f)
+    return list(found.values())
+
+
 def model_features(model: nn.Module, tower: str | None = None) -> list[Feature]:
-    """The features a model (or one of its towers) reads, from its feature attributes."""
+    """The features a model (or one of its towers) reads, from its feature attributes.
+
+    ``tower="user"`` collects ``user_features``, ``history_features`` and
+    ``item_history_feature``; ``tower="item"`` ``item_features`` and ``item_feature``.
+    """
     if tower is not None:
-        attr = f"{tower}_features"
-        if hasattr(model, attr):
-            return list(getattr(model, attr))
+        if tower not in _TOWER_ATTRS:
+            raise ValueError(f"tower must be None, 'user' or 'item', got {tower!r}")
+        feats = _tower_features(model, tower)
+        if feats:
+            return feats
     seen: dict[str, Feature] = {}
     for name, value in vars(model).items():
         if name.endswith("features") and isinstance(value, (list, tuple)):
@@ -63,6 +90,12 @@ class _Positional(nn.Module):
         self.names = names
         self.tower = tower
         self.probabilities = probabilities
+        # Multi-task models: the sigmoid applies to classification tasks only (regression
+        # outputs are values), as in MTLModule.predict.
+        types = getattr(model, "task_types", None)
+        self.classification: torch.Tensor | None = None
+        if probabilities and tower is None and types is not None:
+            self.classification = torch.tensor([t == "classification" for t in types], dtype=torch.bool)
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         x = dict(zip(self.names, tensors))
@@ -73,7 +106,10 @@ class _Positional(nn.Module):
             if isinstance(out, (tuple, list)):  # (scores, aux_loss) models
                 out = out[0]
             if self.probabilities:
-                out = torch.sigmoid(out)
+                if self.classification is not None and out.dim() == 2 and out.shape[1] == self.classification.numel():
+                    out = torch.where(self.classification.to(out.device), torch.sigmoid(out), out)
+                else:
+                    out = torch.sigmoid(out)
         return out
 
 
@@ -96,7 +132,8 @@ def export_onnx(
         tower: ``"user"`` or ``"item"`` to export one tower of a matching model.
         features: graph inputs (default: the features the model/tower reads).
         dummy_input: example inputs (default: random valid ids/values).
-        probabilities: apply the sigmoid (default: yes for our logit models, not for towers).
+        probabilities: apply the sigmoid (default: yes for our logit models, not for towers;
+            multi-task models with ``task_types``: to the classification tasks only).
         seq_length: sequence length of generated dummy inputs.
         opset_version: ONNX opset.
 

@@ -55,22 +55,28 @@ def _exclude_to_csr(exclude: ExcludeLike, n_users: int, n_items: int, device: to
 def _stable_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top ``k`` per row ordered by (score descending, column ascending).
 
-    ``torch.topk`` may pick any of the columns tied at the k-th score; rows where more
-    columns tie there than there are places left are re-selected lowest column first.
+    ``torch.topk`` may pick any of the columns tied at the k-th score. A row is ambiguous
+    exactly when its (k+1)-th best score equals its k-th; only those rows are re-selected
+    (lowest column first), a few rows at a time, so no ``scores``-sized temporaries beyond
+    a small block are allocated (a full-width count would cost 8 bytes per score).
     """
-    vals, idx = torch.topk(scores, k, dim=1)
-    kth = vals[:, -1:]
-    ambiguous = (scores >= kth).sum(1) > k
-    if bool(ambiguous.any()):
-        rows = ambiguous.nonzero().squeeze(1)
-        s, t = scores[rows], kth[rows]
-        above = s > t
-        tied = s == t
-        room = k - above.sum(1, keepdim=True)
-        chosen = above | (tied & (tied.long().cumsum(1) <= room))
-        cols = chosen.nonzero()[:, 1].view(-1, k)
-        idx[rows] = cols
-        vals[rows] = s.gather(1, cols)
+    n = scores.shape[1]
+    extra = 1 if k < n else 0
+    vals, idx = torch.topk(scores, k + extra, dim=1)
+    if extra:
+        ambiguous = vals[:, k] == vals[:, k - 1]
+        vals, idx = vals[:, :k].contiguous(), idx[:, :k].contiguous()
+        if bool(ambiguous.any()):
+            kth = vals[:, -1:]
+            for rows in ambiguous.nonzero().squeeze(1).split(64):
+                s, t = scores[rows], kth[rows]
+                above = s > t
+                tied = s == t
+                room = k - above.sum(1, keepdim=True)
+                chosen = above | (tied & (tied.cumsum(1) <= room))
+                cols = chosen.nonzero()[:, 1].view(-1, k)
+                idx[rows] = cols
+                vals[rows] = s.gather(1, cols)
     idx, perm = idx.sort(dim=1)
     vals = vals.gather(1, perm)
     vals, perm = vals.sort(dim=1, descending=True, stable=True)
@@ -180,6 +186,7 @@ def topk_search(
                 scores[row, indices[lo:hi]] = float("-inf")
         if kk:
             out_scores[start:stop], out_rows[start:stop] = _stable_topk(scores, kk)
+        del scores  # free this chunk's scores before the next product is allocated
     if csr is not None:
         out_rows.masked_fill_(out_scores == float("-inf"), -1)
     if item_ids is None:

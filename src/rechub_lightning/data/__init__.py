@@ -7,6 +7,7 @@ from .generator import DataGenerator, MatchDataGenerator
 from .match import MatchDataModule
 from .mtl import MTLDataModule
 from .preprocessing import CategoryEncoder, DenseScaler, Preprocessor
+from .streaming import ParquetSource, ParquetStreamDataset, StreamDataLoader
 from .sequence import (
     df_to_dict,
     gen_model_input,
@@ -30,6 +31,9 @@ __all__ = [
     "ShuffledBatchSampler",
     "UnrepeatedBatchSampler",
     "make_dataloader",
+    "ParquetSource",
+    "ParquetStreamDataset",
+    "StreamDataLoader",
     "CategoryEncoder",
     "DenseScaler",
     "Preprocessor",

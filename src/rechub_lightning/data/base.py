@@ -22,7 +22,7 @@ from ..features import FeatureSchema, SequenceFeature, SparseFeature
 from .datasets import TensorDictDataset, make_dataloader
 from .preprocessing import Preprocessor
 
-__all__ = ["TabularDataModule", "read_table", "as_frame", "load_preprocessing_state", "validate_batch_tensors"]
+__all__ = ["TabularDataModule", "read_table", "as_frame", "load_preprocessing_state", "validate_batch_tensors", "encode_labels"]
 
 
 def read_table(path: str, **kwargs: Any) -> pd.DataFrame:
@@ -89,6 +89,33 @@ def validate_batch_tensors(x: Mapping[str, torch.Tensor], schema: FeatureSchema,
                 raise ValueError(f"dense feature {f.name!r} in {where} data has {n} NaN/inf value(s)")
 
 
+def encode_labels(frame: pd.DataFrame, labels: Sequence[str], task_types: Sequence[str], split: str) -> np.ndarray:
+    """Label columns -> float32 ``(N,)`` (one label) or ``(N, n_labels)``.
+
+    Raises a ``TypeError``/``ValueError`` naming the label for non-numeric, NaN/inf or (for
+    classification) non-0/1 values.
+    """
+    ys = []
+    for col, task in zip(labels, task_types):
+        s = pd.to_numeric(frame[col], errors="coerce")
+        bad = s.isna() & frame[col].notna()
+        if bad.any():
+            raise TypeError(f"label {col!r} in {split} data has non-numeric value {frame[col][bad].iloc[0]!r}")
+        v = s.to_numpy(dtype=np.float64, na_value=np.nan)
+        if not np.isfinite(v).all():
+            raise ValueError(f"label {col!r} in {split} data has {int((~np.isfinite(v)).sum())} NaN/inf value(s)")
+        if task == "classification":
+            bad_vals = np.setdiff1d(np.unique(v), [0.0, 1.0])
+            if bad_vals.size:
+                raise ValueError(
+                    f"classification label {col!r} in {split} data must be 0 or 1, found {bad_vals[:5].tolist()}"
+                )
+        ys.append(v.astype(np.float32))
+    if not ys:
+        return np.zeros(len(frame), dtype=np.float32)
+    return ys[0] if len(ys) == 1 else np.stack(ys, axis=1)
+
+
 class TabularDataModule(L.LightningDataModule):
     """Base of :class:`CTRDataModule` and :class:`MTLDataModule`; see those for the arguments."""
 
@@ -120,6 +147,8 @@ class TabularDataModule(L.LightningDataModule):
         preprocessing_from: str | None = None,
         sequence_pad_value: Any = None,
         groups: dict[str, list[str]] | None = None,
+        streaming: bool = False,
+        shuffle_buffer: int = 4,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -134,9 +163,18 @@ class TabularDataModule(L.LightningDataModule):
         self.embed_dim = embed_dim
         self._split_ratio = tuple(split_ratio)
         self._predict_path = predict_path
-        self._datasets: dict[str, TensorDictDataset] = {}
+        self._datasets: dict[str, Any] = {}
+        self.streaming = bool(streaming)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self._groups = groups
 
         restored = load_preprocessing_state(preprocessing_from) if preprocessing_from else None
+        if self.streaming:
+            self._init_streaming(
+                path, data, val_path, test_path, restored, preprocessing_from, sparse_features, dense_features,
+                sequence_features, ignore_columns, min_freq, dense_scaling, preprocess, max_len, sequence_pad_value,
+            )
+            return
         frames = self._load_frames(path, data, val_path, test_path)
         self._frames = frames
         self._whole_file_for_predict = restored is not None and (path is not None or data is not None)
@@ -160,8 +198,143 @@ class TabularDataModule(L.LightningDataModule):
             frame = frames.get(name)
             if frame is not None and len(frame) and all(c in frame.columns for c in self.labels):
                 self._labels(frame, name)  # NaN / non-binary labels fail here, before any step
-        self._groups = groups
         self.schema: FeatureSchema = self.preprocessor.schema(self.labels, embed_dim, groups)
+
+    # ------------------------------------------------------------------ streaming (out-of-core Parquet)
+    def _prepare_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Applied to every raw chunk before encoding (subclasses add derived columns)."""
+        return frame
+
+    def _frame_transform(self) -> Any:
+        """A picklable callable for :class:`ParquetStreamDataset` (``None``: no transform)."""
+        return None
+
+    def _label_source_columns(self) -> list[str]:
+        """Columns the labels are read from (``labels`` unless derived)."""
+        return list(self.labels)
+
+    def _init_streaming(
+        self, path, data, val_path, test_path, restored, preprocessing_from, sparse_features, dense_features,
+        sequence_features, ignore_columns, min_freq, dense_scaling, preprocess, max_len, sequence_pad_value,
+    ) -> None:
+        from .streaming import ParquetSource, check_parquet_schema
+
+        if data is not None:
+            raise ValueError("streaming=True reads Parquet files (path=...); data=... is already in memory, use streaming=False")
+        if path is None and restored is None:
+            raise ValueError("streaming=True needs path=<Parquet file, directory or list of files> with the training rows")
+        if restored is None and val_path is None:
+            raise ValueError(
+                "streaming=True needs val_path (and optionally test_path): splitting path by split_ratio would need "
+                "every row in memory; got val_path=None"
+            )
+        self._frames = {}
+        self._whole_file_for_predict = restored is not None and path is not None
+        self._sources = {
+            "train": ParquetSource(path) if path is not None else None,
+            "val": ParquetSource(val_path) if val_path is not None else None,
+            "test": ParquetSource(test_path) if test_path is not None else None,
+        }
+        if restored is not None:
+            self.preprocessor = Preprocessor.from_state_dict(restored["preprocessor"])
+            if self.task_types is None:  # type: ignore[comparison-overlap]
+                self.task_types = list(restored.get("task_types") or ["classification"] * len(self.labels))
+            rank_zero_info(f"Preprocessing restored from {preprocessing_from}")
+        else:
+            train = self._sources["train"]
+            if train.num_rows == 0:
+                raise ValueError(f"the training Parquet data {train.files} has no rows")
+            probe = self._prepare_frame(train.empty_frame())
+            sparse, dense, seq = self._infer_columns(probe, sparse_features, dense_features, sequence_features, ignore_columns)
+            self.preprocessor = Preprocessor(
+                sparse, dense, seq, min_freq=min_freq, dense_scaling=dense_scaling, encode=preprocess, max_len=max_len,
+                sequence_pad_value=sequence_pad_value,
+            )
+            check_parquet_schema(train, self.preprocessor, [], "training", need_labels=False)
+            self._check_label_columns(train, "training")
+            self._fit_streaming(train)
+        for name in ("val", "test"):
+            src = self._sources[name]
+            if src is not None:
+                check_parquet_schema(src, self.preprocessor, [], name, need_labels=False)
+                self._check_label_columns(src, name)
+        self.schema = self.preprocessor.schema(self.labels, self.embed_dim, self._groups)
+
+    def _check_label_columns(self, source: Any, what: str) -> None:
+        import pyarrow.types as pt
+
+        missing = [c for c in self._label_source_columns() if c not in source.columns]
+        if missing:
+            raise KeyError(f"label column(s) {missing} not found in the {what} Parquet data {source.files}; available: {source.columns}")
+        for c in self._label_source_columns():
+            t = source.schema.field(c).type
+            if not (pt.is_integer(t) or pt.is_floating(t) or pt.is_boolean(t) or pt.is_decimal(t) or pt.is_string(t)
+                    or pt.is_large_string(t) or pt.is_null(t)):
+                raise TypeError(f"label {c!r} in the {what} Parquet data has type {t}; a numeric column is needed")
+
+    def _fit_streaming(self, source: Any) -> None:
+        """Preprocessing statistics (and label checks/task types) in one pass over the row groups."""
+        columns = self._stream_columns(source)
+        known = self.task_types is not None
+        check_types = list(self.task_types) if known else ["regression"] * len(self.labels)
+        binary = [True] * len(self.labels)
+        rows = 0
+        for k in range(len(source.row_groups)):
+            frame = self._prepare_frame(source.read(k, columns))
+            self.preprocessor.partial_fit(frame)
+            y = encode_labels(frame, self.labels, check_types, "training Parquet")  # raises naming the label
+            y2 = y.reshape(len(frame), -1)
+            for j in range(len(self.labels)):
+                binary[j] = binary[j] and bool(np.isin(y2[:, j], [0.0, 1.0]).all())
+            rows += len(frame)
+            del frame, y, y2
+        self.preprocessor.finish_fit()
+        if not known:
+            self.task_types = ["classification" if b else "regression" for b in binary]
+        rank_zero_info(
+            f"Preprocessing fitted in one streaming pass over {rows} rows in {len(source.row_groups)} row group(s) of "
+            f"{len(source.files)} Parquet file(s)"
+        )
+
+    def _stream_columns(self, source: Any) -> list[str]:
+        have = set(source.columns)
+        wanted = self.preprocessor.columns + self._label_source_columns()
+        return [c for c in dict.fromkeys(wanted) if c in have]
+
+    def _stream_source(self, split: str) -> Any:
+        from .streaming import ParquetSource
+
+        if split == "predict":
+            if self._predict_path is not None:
+                src = ParquetSource(self._predict_path)
+            elif self._whole_file_for_predict:
+                src = self._sources["train"]
+            else:
+                src = self._sources["test"]
+            return src
+        return self._sources.get(split)
+
+    def _stream_dataset(self, split: str) -> Any:
+        from .streaming import ParquetStreamDataset, check_parquet_schema
+
+        if split in self._datasets:
+            return self._datasets[split]
+        src = self._stream_source(split)
+        if src is None or src.num_rows == 0:
+            return None
+        has_labels = all(c in src.columns for c in self._label_source_columns())
+        if not has_labels and split != "predict":
+            raise KeyError(f"label column(s) {self.labels} not found in the {split} Parquet data {src.files}")
+        check_parquet_schema(src, self.preprocessor, [], split, need_labels=False)
+        train = split == "train"
+        ds = ParquetStreamDataset(
+            src, self.preprocessor, self.batch_size if train else self.eval_batch_size,
+            labels=self.labels if has_labels else (), task_types=self.task_types if has_labels else None,
+            train=train, shuffle=train, shuffle_buffer=self.shuffle_buffer, seed=self.seed, schema=self.schema,
+            frame_transform=self._frame_transform(), columns=self._stream_columns(src), split=split,
+        )
+        self._datasets[split] = ds
+        return ds
 
     # ------------------------------------------------------------------ sources
     def default_frame(self) -> pd.DataFrame:  # pragma: no cover - abstract
@@ -214,7 +387,9 @@ class TabularDataModule(L.LightningDataModule):
         return list(sparse or []), list(dense or []), seq
 
     # ------------------------------------------------------------------ encoding
-    def _encode(self, split: str) -> TensorDictDataset | None:
+    def _encode(self, split: str) -> Any:
+        if self.streaming:
+            return self._stream_dataset(split)
         if split in self._datasets:
             return self._datasets[split]
         if split == "predict":
@@ -239,23 +414,7 @@ class TabularDataModule(L.LightningDataModule):
         return ds
 
     def _labels(self, frame: pd.DataFrame, split: str) -> np.ndarray:
-        ys = []
-        for col, task in zip(self.labels, self.task_types):
-            s = pd.to_numeric(frame[col], errors="coerce")
-            bad = s.isna() & frame[col].notna()
-            if bad.any():
-                raise TypeError(f"label {col!r} in {split} data has non-numeric value {frame[col][bad].iloc[0]!r}")
-            v = s.to_numpy(dtype=np.float64, na_value=np.nan)
-            if not np.isfinite(v).all():
-                raise ValueError(f"label {col!r} in {split} data has {int((~np.isfinite(v)).sum())} NaN/inf value(s)")
-            if task == "classification":
-                bad_vals = np.setdiff1d(np.unique(v), [0.0, 1.0])
-                if bad_vals.size:
-                    raise ValueError(
-                        f"classification label {col!r} in {split} data must be 0 or 1, found {bad_vals[:5].tolist()}"
-                    )
-            ys.append(v.astype(np.float32))
-        return ys[0] if len(ys) == 1 else np.stack(ys, axis=1)
+        return encode_labels(frame, self.labels, self.task_types, split)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
@@ -273,6 +432,10 @@ class TabularDataModule(L.LightningDataModule):
         ds = self._encode(split)
         if ds is None:
             return []
+        if self.streaming:
+            from .streaming import StreamDataLoader
+
+            return StreamDataLoader(ds, num_workers=self.num_workers)
         if train:
             return make_dataloader(ds, self.batch_size, shuffle=True, seed=self.seed, num_workers=self.num_workers, train=True)
         return make_dataloader(ds, self.eval_batch_size, train=False, num_workers=self.num_workers)
@@ -289,12 +452,23 @@ class TabularDataModule(L.LightningDataModule):
     def predict_dataloader(self):
         return self._loader("predict")
 
-    def dataset(self, split: str) -> TensorDictDataset | None:
-        """The encoded dataset of a split (``train``, ``val``, ``test``, ``predict``)."""
+    def dataset(self, split: str) -> Any:
+        """The encoded dataset of a split (``train``, ``val``, ``test``, ``predict``); with
+        ``streaming=True`` a :class:`~rechub_lightning.data.streaming.ParquetStreamDataset`."""
         return self._encode(split)
 
     def raw_frame(self, split: str) -> pd.DataFrame | None:
-        """The raw (unencoded) rows of a split, in the order the loaders read them."""
+        """The raw (unencoded) rows of a split, in the order the loaders read them.
+
+        With ``streaming=True`` only the columns that are neither features nor labels (ids,
+        timestamps...) and the labels are read, so prediction writers can join ids cheaply.
+        """
+        if self.streaming:
+            src = self._stream_source(split)
+            if src is None:
+                return None
+            feats = set(self.preprocessor.columns)
+            return src.read_columns([c for c in src.columns if c not in feats])
         if split == "predict":
             if self._predict_path is not None:
                 return read_table(self._predict_path)
@@ -303,7 +477,11 @@ class TabularDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        return {"preprocessor": self.preprocessor.state_dict(), "schema": self.schema.to_dict()}
+        return {
+            "preprocessor": self.preprocessor.state_dict(),
+            "schema": self.schema.to_dict(),
+            "task_types": list(self.task_types or []),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pre = Preprocessor.from_state_dict(state_dict["preprocessor"])

@@ -56,6 +56,19 @@ class CTRDataModule(TabularDataModule):
         synthetic_rows: rows of the default Criteo-shaped data set (``amazon``: number of users / 10).
         synthetic_max_vocab: largest field's vocabulary in the default data set.
         preprocessing_from: a checkpoint whose fitted preprocessing to reuse instead of fitting.
+        streaming: out-of-core Parquet. ``path`` (a file, a directory of files or a list),
+            ``val_path`` (required for training), ``test_path`` and ``predict_path`` are read
+            row group by row group (:class:`~rechub_lightning.data.streaming.ParquetStreamDataset`)
+            and never loaded whole. The preprocessing statistics (vocabularies with ``min_freq``,
+            dense scaling) come from one streaming pass over ``path`` in ``__init__`` (exactly
+            what the in-memory fit gives) and are saved with the checkpoint as usual. Missing
+            columns and impossible column types fail from the Parquet schema before training;
+            values (labels outside {0, 1}, NaN labels, text in dense columns, ids out of range)
+            fail per chunk with the column named. Training rows: each epoch every rank gets
+            ``N // world_size`` rows, the ``N % world_size`` surplus rows are skipped that
+            epoch; evaluation reads every row exactly once. ``split_ratio`` is not used.
+        shuffle_buffer: with ``streaming``, number of row groups whose rows are shuffled
+            together in training (memory grows with it).
 
     Example:
         >>> dm = CTRDataModule(synthetic_rows=2000, batch_size=256)
@@ -89,6 +102,8 @@ class CTRDataModule(TabularDataModule):
         synthetic_rows: int = 100_000,
         synthetic_max_vocab: int = 10_000,
         preprocessing_from: str | None = None,
+        streaming: bool = False,
+        shuffle_buffer: int = 4,
     ) -> None:
         if synthetic not in _SYNTHETIC:
             raise ValueError(f"synthetic={synthetic!r} is not one of {_SYNTHETIC}")
@@ -118,7 +133,7 @@ class CTRDataModule(TabularDataModule):
             ignore_columns=ignore_columns, embed_dim=embed_dim, min_freq=min_freq, dense_scaling=dense_scaling,
             preprocess=preprocess, max_len=max_len, split_ratio=split_ratio, batch_size=batch_size,
             eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed, preprocessing_from=preprocessing_from,
-            sequence_pad_value=pad_value, groups=groups,
+            sequence_pad_value=pad_value, groups=groups, streaming=streaming, shuffle_buffer=shuffle_buffer,
         )
 
     def default_frame(self) -> pd.DataFrame | dict[str, pd.DataFrame]:

@@ -139,6 +139,10 @@ class MatchDataModule(L.LightningDataModule):
         synthetic_items: movies of the default synthetic data.
         synthetic_interactions: inclusive range of interactions per synthetic user.
         preprocessing_from: a checkpoint whose fitted encoders to reuse instead of fitting.
+        streaming: not supported (``True`` raises ``ValueError``): histories, leave-last-out
+            targets, negative sampling frequencies and the item corpus are built from the whole
+            interaction log in memory. Out-of-core Parquet streaming exists for
+            :class:`CTRDataModule` and :class:`MTLDataModule`.
 
     Attributes:
         schema: the :class:`FeatureSchema` (groups ``user``, ``item``, ``neg_items`` when
@@ -177,8 +181,16 @@ class MatchDataModule(L.LightningDataModule):
         synthetic_items: int = 2000,
         synthetic_interactions: tuple[int, int] = (20, 100),
         preprocessing_from: str | None = None,
+        streaming: bool = False,
     ) -> None:
         super().__init__()
+        if streaming:
+            raise ValueError(
+                "MatchDataModule does not support streaming=True: it builds each user's time-ordered history, "
+                "leave-last-out targets, negative sampling distribution and item corpus from the whole interaction "
+                "log, which needs the log in memory. Stream ranking/multi-task data with CTRDataModule/MTLDataModule "
+                "(streaming=True), or pre-build retrieval samples and train them with CTRDataModule."
+            )
         if isinstance(mode, bool) or mode not in _MODES:
             raise ValueError(f"mode must be 0 (point-wise), 1 (pair-wise) or 2 (list-wise), got mode={mode!r}")
         if int(neg_ratio) < 0:
@@ -469,6 +481,55 @@ class MatchDataModule(L.LightningDataModule):
         if split in ("val", "test", "predict"):
             return self._eval_dataset(split)
         raise ValueError(f"split must be 'train', 'val', 'test' or 'predict', got {split!r}")
+
+    def raw_frame(self, split: str) -> pd.DataFrame | None:
+        """Raw (unencoded) user columns of the ``val``, ``test`` or ``predict`` users, one row per
+        user in the order their loader reads them (the user id and attribute columns)."""
+        if split not in ("val", "test", "predict"):
+            raise ValueError(f"raw_frame: split must be 'val', 'test' or 'predict' (one row per user), got {split!r}")
+        rank = self._frame["_rank"].to_numpy()
+        at = np.flatnonzero(rank == (1 if split == "val" else 0))
+        cols = list(dict.fromkeys([self.user_col, *self.user_feature_cols]))
+        return self._frame.iloc[at][cols].reset_index(drop=True)
+
+    def decode(self, column: str, ids: Any) -> np.ndarray:
+        """Raw values of encoded ids of ``column`` (the user id, the item id or an attribute).
+
+        Ids map back to the value they were encoded from in this datamodule's interactions
+        (original dtype kept), else to the fitted encoder's category; the unknown id 0,
+        ``-1`` and ids outside the vocabulary give ``None``.
+
+        Raises:
+            KeyError: ``column`` is not an encoded column.
+        """
+        if column not in self.encoders:
+            raise KeyError(f"decode: column {column!r} is not encoded; encoded columns are {self._encoded_cols}")
+        key = f"decode:{column}"
+        if key not in self._built:
+            enc = self._encoded()[column].to_numpy()
+            raw = self._frame[column].to_numpy()
+            uniq, first = np.unique(enc, return_index=True)
+            table = np.empty(self._vocab(column), dtype=object)
+            table[:] = None
+            cats = self.encoders[column].categories
+            table[1 : len(cats) + 1] = [int(c) if isinstance(c, float) and c.is_integer() else c for c in cats]
+            keep = uniq > 0
+            table[uniq[keep]] = raw[first[keep]]
+            table[0] = None
+            self._built[key] = table
+        table = self._built[key]
+        ids = np.asarray(ids, dtype=np.int64)
+        ok = (ids >= 0) & (ids < len(table))
+        out = np.empty(ids.shape, dtype=object)
+        out[:] = None
+        out[ok] = table[ids[ok]]
+        dtype = self._frame[column].dtype
+        if out.size and (ids > 0).all() and ok.all() and pd.api.types.is_numeric_dtype(dtype):
+            try:  # every id decoded: keep the column's numeric dtype (e.g. int64 movie ids)
+                return np.asarray(pd.Series(out).astype(dtype))
+            except (TypeError, ValueError):
+                pass
+        return out
 
     # ------------------------------------------------------------------ validation
     def _validate(self, ds: TensorDictDataset, split: str) -> None:

@@ -15,6 +15,27 @@ from .synthetic_seq import CENSUS_DENSE_COLS, CENSUS_LABEL_COLS, CENSUS_REGRESSI
 __all__ = ["MTLDataModule"]
 
 
+class DerivedLabels:
+    """Adds label columns computed as the product of other columns (picklable, for streaming workers)."""
+
+    def __init__(self, derived: Mapping[str, Sequence[str]]) -> None:
+        self.derived = {str(k): [str(c) for c in v] for k, v in derived.items()}
+
+    def __call__(self, frame: pd.DataFrame) -> pd.DataFrame:
+        if not self.derived:
+            return frame
+        frame = frame.copy()
+        for name, sources in self.derived.items():
+            missing = [c for c in sources if c not in frame.columns]
+            if missing:
+                raise KeyError(f"derived label {name!r} needs column(s) {missing}; available: {list(frame.columns)}")
+            value = frame[sources[0]].to_numpy(dtype=np.float64)
+            for c in sources[1:]:
+                value = value * frame[c].to_numpy(dtype=np.float64)
+            frame[name] = value
+        return frame
+
+
 class MTLDataModule(TabularDataModule):
     """Multi-label tabular data for multi-task models; batches are ``(x, y)`` with ``y`` of
     shape ``(B, n_tasks)`` in the order of ``labels``.
@@ -58,6 +79,11 @@ class MTLDataModule(TabularDataModule):
         synthetic_rows: rows of the default synthetic data set.
         synthetic_regression: add the regression task ``log income`` to the default labels.
         preprocessing_from: a checkpoint whose fitted preprocessing to reuse.
+        streaming: read ``path``/``val_path``/``test_path``/``predict_path`` as Parquet row group
+            by row group instead of loading them (data larger than memory; needs ``val_path``);
+            see :class:`~rechub_lightning.data.CTRDataModule` and ``docs/distributed.md``. Task
+            types are then inferred in the same single pass as the preprocessing statistics.
+        shuffle_buffer: with ``streaming``, row groups whose rows are shuffled together.
 
     Raises:
         ValueError: for an unknown task type (named), a ``task_types``/``labels`` length
@@ -98,6 +124,8 @@ class MTLDataModule(TabularDataModule):
         synthetic_rows: int = 20_000,
         synthetic_regression: bool = False,
         preprocessing_from: str | None = None,
+        streaming: bool = False,
+        shuffle_buffer: int = 4,
     ) -> None:
         synthetic = path is None and data is None
         self._synthetic = (int(synthetic_rows), bool(synthetic_regression))
@@ -130,6 +158,7 @@ class MTLDataModule(TabularDataModule):
             ignore_columns=ignore_columns, embed_dim=embed_dim, min_freq=min_freq, dense_scaling=dense_scaling,
             preprocess=preprocess, max_len=max_len, split_ratio=split_ratio, batch_size=batch_size,
             eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed, preprocessing_from=preprocessing_from,
+            streaming=streaming, shuffle_buffer=shuffle_buffer,
         )
 
     # ------------------------------------------------------------------ sources
@@ -140,16 +169,18 @@ class MTLDataModule(TabularDataModule):
     def _add_derived(self, frame: pd.DataFrame | None) -> pd.DataFrame | None:
         if frame is None or not self.derived_labels:
             return frame
-        frame = frame.copy()
-        for name, sources in self.derived_labels.items():
-            missing = [c for c in sources if c not in frame.columns]
-            if missing:
-                raise KeyError(f"derived label {name!r} needs column(s) {missing}; available: {list(frame.columns)}")
-            value = frame[sources[0]].to_numpy(dtype=np.float64)
-            for c in sources[1:]:
-                value = value * frame[c].to_numpy(dtype=np.float64)
-            frame[name] = value
-        return frame
+        return DerivedLabels(self.derived_labels)(frame)
+
+    # streaming hooks (see TabularDataModule)
+    def _prepare_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return self._add_derived(frame)  # type: ignore[return-value]
+
+    def _frame_transform(self) -> DerivedLabels | None:
+        return DerivedLabels(self.derived_labels) if self.derived_labels else None
+
+    def _label_source_columns(self) -> list[str]:
+        plain = [c for c in self.labels if c not in self.derived_labels]
+        return list(dict.fromkeys(plain + [c for v in self.derived_labels.values() for c in v]))
 
     def _load_frames(self, path: str | None, data: Any, val_path: str | None, test_path: str | None) -> dict[str, pd.DataFrame | None]:
         frames = {k: self._add_derived(v) for k, v in super()._load_frames(path, data, val_path, test_path).items()}

@@ -8,6 +8,8 @@ the data (NaN, empty string) gets its own id when the training data had any.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -72,16 +74,40 @@ class CategoryEncoder:
         return len(self.categories) + 1 + (1 if self.missing_id is not None else 0)
 
     def fit(self, values: pd.Series | Iterable[Any]) -> CategoryEncoder:
+        """Fit on all training values at once (same result as ``partial_fit`` chunks + ``finish_fit``)."""
+        self._counts = None
+        return self.partial_fit(values).finish_fit()
+
+    def partial_fit(self, values: pd.Series | Iterable[Any]) -> CategoryEncoder:
+        """Count the values of one chunk; call :meth:`finish_fit` after the last chunk.
+
+        The first chunk decides whether keys are numeric (its dtype); later chunks are
+        canonicalised the same way, so any chunking of the same rows gives the same
+        vocabulary, ordering and ``min_freq`` cut as one :meth:`fit` call.
+        """
         s = values if isinstance(values, pd.Series) else pd.Series(list(values))
-        self.numeric = _is_numeric(s)
+        if getattr(self, "_counts", None) is None:
+            self.numeric = _is_numeric(s)
+            self._counts: Counter | None = Counter()
+            self._any_missing = False
         keys, miss = _canonical(s, self.numeric)
         present = pd.Series(keys[~miss])
-        counts = present.value_counts(sort=False)
-        counts = counts[counts >= self.min_freq]
-        order = sorted(zip(-counts.to_numpy(), counts.index.tolist()), key=lambda t: (t[0], t[1]))
+        if len(present):
+            vc = present.value_counts(sort=False)
+            self._counts.update(dict(zip(vc.index.tolist(), vc.to_numpy().tolist())))  # type: ignore[union-attr]
+        self._any_missing = self._any_missing or bool(miss.any())
+        return self
+
+    def finish_fit(self) -> CategoryEncoder:
+        """Build the vocabulary from the counts: by decreasing frequency, ties by value."""
+        counts = getattr(self, "_counts", None) or Counter()
+        any_missing = bool(getattr(self, "_any_missing", False))
+        order = sorted((-c, k) for k, c in counts.items() if c >= self.min_freq)
         self.categories = [k.item() if hasattr(k, "item") else k for _, k in order]
-        self.missing_id = len(self.categories) + 1 if miss.any() else None
+        self.missing_id = len(self.categories) + 1 if any_missing else None
         self._index = None
+        self._counts = None
+        self._any_missing = False
         return self
 
     def _idx(self) -> pd.Index:
@@ -111,6 +137,69 @@ class CategoryEncoder:
         return self
 
 
+class _ExactMoments:
+    """Count, sum and sum of squares of float64 values, held exactly as integers.
+
+    Each value is ``M * 2**E`` with an integer mantissa ``|M| < 2**53``; mantissas are split
+    into 18-bit limbs whose (squared) sums per exponent fit in int64, then combined as Python
+    integers scaled by a fixed power of two. The mean and the (population) standard deviation
+    are rounded once at the end, so they do not depend on how the values were chunked.
+    """
+
+    _SHIFT = 1126  # -(smallest exponent of a subnormal float64 mantissa)
+    _LIMB = 18
+    _MASK = (1 << 18) - 1
+    _MAX_CHUNK = 1 << 24  # keeps the int64 limb sums far from overflow
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.s = 0  # sum * 2**_SHIFT
+        self.q = 0  # sum of squares * 2**(2 * _SHIFT)
+        self.lo = math.inf
+        self.hi = -math.inf
+
+    def update(self, v: np.ndarray) -> None:
+        for start in range(0, v.size, self._MAX_CHUNK):
+            self._update(v[start : start + self._MAX_CHUNK])
+
+    def _update(self, v: np.ndarray) -> None:
+        if not v.size:
+            return
+        self.n += int(v.size)
+        self.lo = min(self.lo, float(v.min()))
+        self.hi = max(self.hi, float(v.max()))
+        m, e = np.frexp(v)
+        mant = (m * 2.0**53).astype(np.int64)
+        exp = e.astype(np.int64) - 53
+        order = np.argsort(exp, kind="stable")
+        mant, exp = mant[order], exp[order]
+        starts = np.flatnonzero(np.r_[True, exp[1:] != exp[:-1]])
+        exps = exp[starts].tolist()
+        sign = np.sign(mant)
+        a = np.abs(mant)
+        c = a & self._MASK
+        b = (a >> self._LIMB) & self._MASK
+        a = a >> (2 * self._LIMB)
+        red = lambda x: np.add.reduceat(x, starts).tolist()  # noqa: E731
+        sa, sb, sc = red(sign * a), red(sign * b), red(sign * c)
+        qa, qab, qmid, qbc, qc = red(a * a), red(2 * a * b), red(2 * a * c + b * b), red(2 * b * c), red(c * c)
+        L = self._LIMB
+        for i, ex in enumerate(exps):
+            total = (sa[i] << (2 * L)) + (sb[i] << L) + sc[i]
+            self.s += total << (ex + self._SHIFT)
+            sq = (qa[i] << (4 * L)) + (qab[i] << (3 * L)) + (qmid[i] << (2 * L)) + (qbc[i] << L) + qc[i]
+            self.q += sq << (2 * (ex + self._SHIFT))
+
+    def result(self) -> tuple[float, float, float, float]:
+        """``(mean, std, min, max)``; ``(0, 1, 0, 1)`` without values."""
+        if self.n == 0:
+            return 0.0, 1.0, 0.0, 1.0
+        n = self.n
+        mean = self.s / (n << self._SHIFT)  # int / int: correctly rounded
+        var = (self.q * n - self.s * self.s) / (n * n << (2 * self._SHIFT))
+        return float(mean), math.sqrt(max(var, 0.0)), self.lo, self.hi
+
+
 class DenseScaler:
     """NaN filling and scaling of one numeric column, fitted on training data.
 
@@ -129,13 +218,23 @@ class DenseScaler:
         return np.sign(v) * np.log1p(np.abs(v)) if self.scaling == "log" else v
 
     def fit(self, v: np.ndarray) -> DenseScaler:
+        """Fit on all training values (same statistics as any chunking through ``partial_fit``)."""
+        self._moments = None
+        return self.partial_fit(v).finish_fit()
+
+    def partial_fit(self, v: np.ndarray) -> DenseScaler:
+        """Accumulate one chunk; the sums are exact, so chunking never changes the statistics."""
         v = self._pre(np.asarray(v, dtype=np.float64))
-        finite = v[np.isfinite(v)]
-        mean = float(finite.mean()) if finite.size else 0.0
-        std = float(finite.std()) if finite.size else 1.0
-        lo = float(finite.min()) if finite.size else 0.0
-        hi = float(finite.max()) if finite.size else 1.0
+        if getattr(self, "_moments", None) is None:
+            self._moments: _ExactMoments | None = _ExactMoments()
+        self._moments.update(v[np.isfinite(v)])  # type: ignore[union-attr]
+        return self
+
+    def finish_fit(self) -> DenseScaler:
+        m = getattr(self, "_moments", None) or _ExactMoments()
+        mean, std, lo, hi = m.result()
         self.stats = {"mean": mean, "std": std if std > 0 else 1.0, "min": lo, "max": hi if hi > lo else lo + 1.0}
+        self._moments = None
         return self
 
     def transform(self, v: np.ndarray) -> np.ndarray:
@@ -253,32 +352,81 @@ class Preprocessor:
             _as_numeric_column(df, col)  # raises on text and on infinite values
 
     def fit(self, df: pd.DataFrame) -> Preprocessor:
+        """Fit on the whole training frame: :meth:`partial_fit` on one chunk + :meth:`finish_fit`."""
+        self._partial = None
+        return self.partial_fit(df).finish_fit()
+
+    def partial_fit(self, df: pd.DataFrame) -> Preprocessor:
+        """Accumulate the statistics of one chunk of training rows (streaming fit).
+
+        Call it once per chunk (e.g. per Parquet row group), then :meth:`finish_fit`. Any
+        chunking of the same rows gives exactly the vocabularies (``min_freq`` cut and id
+        order included) and scaling statistics of :meth:`fit` on all rows.
+        """
         self.check_columns(df, "training data")
+        if getattr(self, "_partial", None) is None:
+            self.scalers = {col: DenseScaler(self.dense_scaling) for col in self.dense}
+            self.encoders = {}
+            self._partial: dict[str, Any] | None = {"max": {}}
+            self.fitted = False
+            if self.encode:
+                for col in self.sparse:
+                    self.encoders[col] = CategoryEncoder(self.min_freq)
+                for col, shared in self.sequence.items():
+                    if shared is None:
+                        self.encoders[col] = CategoryEncoder(self.min_freq)
+                    elif shared not in self.sparse:
+                        raise ValueError(
+                            f"sequence feature {col!r} shares the vocabulary of {shared!r}, which is not a sparse feature"
+                        )
         for col in self.dense:
-            self.scalers[col] = DenseScaler(self.dense_scaling).fit(_as_numeric_column(df, col))
+            self.scalers[col].partial_fit(_as_numeric_column(df, col))
         if self.encode:
             for col in self.sparse:
                 # A vocabulary shared with sequences (target item / item history) covers both.
                 values = df[col]
+                self.encoders[col].partial_fit(values)
                 sharing = [c for c, owner in self.sequence.items() if owner == col]
-                if sharing:
-                    flat = [t for c in sharing for seq in self._seqs(df[c]) for t in seq]
-                    values = pd.concat([values, pd.Series(flat, dtype=values.dtype if flat else None)], ignore_index=True)
-                self.encoders[col] = CategoryEncoder(self.min_freq).fit(values)
+                flat = [t for c in sharing for seq in self._seqs(df[c]) for t in seq]
+                if flat:
+                    self.encoders[col].partial_fit(pd.Series(flat, dtype=values.dtype))
             for col, shared in self.sequence.items():
                 if shared is None:
                     flat = [t for seq in self._seqs(df[col]) for t in seq]
-                    self.encoders[col] = CategoryEncoder(self.min_freq).fit(pd.Series(flat))
-                elif shared not in self.encoders:
-                    raise ValueError(f"sequence feature {col!r} shares the vocabulary of {shared!r}, which is not a sparse feature")
+                    if flat:
+                        self.encoders[col].partial_fit(pd.Series(flat))
         else:
+            mx = self._partial["max"]  # type: ignore[index]
             for col in self.sparse:
-                if col not in self.vocab_sizes:
-                    self.vocab_sizes[col] = int(pd.to_numeric(df[col]).max()) + 1
+                if col not in self.vocab_sizes and len(df):
+                    m = pd.to_numeric(df[col]).max()
+                    if pd.notna(m):
+                        mx[col] = max(mx.get(col, -math.inf), float(m))
             for col, shared in self.sequence.items():
                 if shared is None and col not in self.vocab_sizes:
                     flat = [t for seq in self._seqs(df[col]) for t in seq]
-                    self.vocab_sizes[col] = int(max(flat, default=0)) + 1
+                    mx[col] = max(mx.get(col, 0.0), float(max(flat, default=0)))
+        return self
+
+    def finish_fit(self) -> Preprocessor:
+        """Turn the accumulated statistics into the fitted state."""
+        partial = getattr(self, "_partial", None)
+        if partial is None:
+            raise RuntimeError("Preprocessor.finish_fit called before partial_fit")
+        for scaler in self.scalers.values():
+            scaler.finish_fit()
+        for enc in self.encoders.values():
+            enc.finish_fit()
+        if not self.encode:
+            for col in self.sparse:
+                if col not in self.vocab_sizes:
+                    if col not in partial["max"]:
+                        raise ValueError(f"sparse feature {col!r} has no id in the training data (preprocess=False)")
+                    self.vocab_sizes[col] = int(partial["max"][col]) + 1
+            for col, shared in self.sequence.items():
+                if shared is None and col not in self.vocab_sizes:
+                    self.vocab_sizes[col] = int(partial["max"].get(col, 0)) + 1
+        self._partial = None
         self.fitted = True
         return self
 

@@ -39,6 +39,7 @@ def _destroy_process_group_at_exit() -> None:
     global _CLEANUP_REGISTERED
     if _CLEANUP_REGISTERED or not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return
+
     def _cleanup() -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             try:
@@ -180,11 +181,22 @@ class RecModule(L.LightningModule):
 
     # ------------------------------------------------------------------ sparse embeddings
     def set_sparse_embeddings(self, sparse: bool) -> None:
-        """Switch every embedding table of the model to sparse (row-wise) or dense gradients."""
+        """Switch the model's feature embedding tables to sparse (row-wise) or dense gradients.
+
+        In our models only the tables of :class:`~rechub_lightning.layers.EmbeddingLayer` (the
+        vocabulary-sized ones) switch; a model's own small ``nn.Embedding`` modules (positions,
+        SINE's concept pool) stay dense, since models read their ``.weight`` directly. A model
+        without an ``EmbeddingLayer`` (e.g. a torch-rechub model object) has every
+        ``nn.Embedding``/``nn.EmbeddingBag`` switched.
+        """
+        from ..layers.embedding import EmbeddingLayer
+
         self.sparse_embeddings = bool(sparse)
-        for m in self.model.modules():
-            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
-                m.sparse = self.sparse_embeddings
+        layers = [m for m in self.model.modules() if isinstance(m, EmbeddingLayer)] or [self.model]
+        for layer in layers:
+            for m in layer.modules():
+                if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+                    m.sparse = self.sparse_embeddings
 
     def _resolve_sparse(self) -> None:
         if self._sparse_request is not None:
@@ -217,8 +229,8 @@ class RecModule(L.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         ds = dm.dataset("train") if dm is not None and hasattr(dm, "dataset") else None
         bs = getattr(dm, "batch_size", None)
-        if ds is None or not bs:
-            return
+        if ds is None or not bs or isinstance(ds, torch.utils.data.IterableDataset):
+            return  # streamed training data merges a 1-row tail into the batch before it
         if len(ds) % bs == 1 or len(ds) == 1:
             raise ValueError(
                 f"the last training batch would hold 1 row ({len(ds)} rows, batch_size={bs}) and the model has "
@@ -265,6 +277,8 @@ class RecModule(L.LightningModule):
         if not self.sparse_embeddings:
             return self.optimizer_fn(params, **self.optimizer_params)
         sparse, dense = split_embedding_parameters(self)
+        if not sparse:  # nothing embeds with sparse gradients: the dense optimizer alone
+            return self.optimizer_fn(params, **self.optimizer_params)
         lr = self.embedding_optimizer_params.get("lr", self.optimizer_params.get("lr", 1e-3))
         kw = {**self.embedding_optimizer_params, "lr": lr}
         if self.embedding_optimizer == "sparse_adam":

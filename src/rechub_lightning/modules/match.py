@@ -10,11 +10,14 @@ NDCG, MRR and Precision at K, which ``EarlyStopping``/``ModelCheckpoint`` can mo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from ..data.match import SEEN_ITEMS_KEY
@@ -56,17 +59,46 @@ def score_matrix(user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"user_tower must return (B, D) or (B, K, D) embeddings, got shape {tuple(user.shape)}")
 
 
+def _gather_rows(t: torch.Tensor, sizes: Sequence[int], sync_grads: bool) -> torch.Tensor:
+    """Concatenate every rank's ``t`` (rank order; ``sizes[r]`` rows on rank ``r``) along dim 0.
+
+    Ranks may hold different row counts (a short final batch, point-wise batches filtered
+    to their positives): rows are padded to the largest count for the collective and the
+    padding is cut off again. With ``sync_grads`` the gradient of every rank's use of this
+    rank's rows flows back to ``t`` (``torch.distributed.nn.functional.all_gather``: its
+    backward sums the incoming gradients over ranks).
+    """
+    pad = max(sizes) - t.shape[0]
+    if pad:
+        t = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))])
+    t = t.contiguous()
+    if sync_grads:
+        from torch.distributed.nn.functional import all_gather as all_gather_with_grad
+
+        with warnings.catch_warnings():
+            # deprecated in favour of a private functional-collectives API; the autograd semantics we rely on are unchanged
+            warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
+            parts = list(all_gather_with_grad(t))
+    else:
+        parts = [torch.empty_like(t) for _ in sizes]
+        dist.all_gather(parts, t)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
 def in_batch_logits(
     scores: torch.Tensor,
     ratio: int,
     hard_negative: bool = False,
     generator: torch.Generator | None = None,
     item_ids: torch.Tensor | None = None,
+    positive: torch.Tensor | None = None,
+    row_item_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Positive and ``ratio`` in-batch negative logits per row, ``(B, 1 + ratio)``, vectorised.
 
-    Row ``i``'s positive is ``scores[i, i]``; its candidates are the other columns, minus
-    accidental hits (columns holding row ``i``'s item again) when ``item_ids`` is given.
+    Row ``i``'s positive is ``scores[i, i]`` (or ``scores[i, positive[i]]``); its candidates
+    are the other columns, minus accidental hits (columns holding row ``i``'s item again)
+    when ``item_ids`` is given.
     Uniform draws take the top ``ratio`` of i.i.d. uniform keys (invalid columns keyed
     below every valid one), hard negatives the ``ratio`` highest-scoring candidates. Slots
     left without a valid candidate (tiny batches, many accidental hits) hold
@@ -74,36 +106,46 @@ def in_batch_logits(
     and (numerically) nothing to BPR. The positive is never drawn as a negative.
 
     Args:
-        scores: ``(B, B)`` logits (temperature and logQ already applied).
+        scores: ``(B, B)`` logits (temperature and logQ already applied), or ``(B, N)`` with
+            ``positive`` (e.g. candidates gathered from every rank).
         ratio: negatives per row (``>= 1``).
         hard_negative: take the hardest candidates instead of uniform ones.
         generator: generator of the uniform keys (reproducibility).
-        item_ids: ``(B,)`` item ids for accidental-hit masking.
+        item_ids: ``(N,)`` item ids of the columns, for accidental-hit masking.
+        positive: ``(B,)`` column of each row's positive (default: the diagonal).
+        row_item_ids: ``(B,)`` item id of each row (default: ``item_ids[positive]``).
 
     Returns:
         ``(B, 1 + ratio)`` logits, the positive in column 0.
     """
-    batch = scores.shape[0]
-    invalid = torch.eye(batch, dtype=torch.bool, device=scores.device)
+    batch, n_cand = scores.shape
+    if positive is None:
+        if batch != n_cand:
+            raise ValueError(f"scores of shape {tuple(scores.shape)} are not square: pass positive= (each row's column)")
+        positive = torch.arange(batch, device=scores.device)
+    positive = positive.reshape(-1).to(scores.device)
+    columns = torch.arange(n_cand, device=scores.device)
+    invalid = columns.unsqueeze(0) == positive.unsqueeze(1)
     if item_ids is not None:
         ids = item_ids.reshape(-1).to(scores.device)
-        invalid = invalid | (ids.unsqueeze(0) == ids.unsqueeze(1))
+        rows = ids[positive] if row_item_ids is None else row_item_ids.reshape(-1).to(scores.device)
+        invalid = invalid | (ids.unsqueeze(0) == rows.unsqueeze(1))
     fill = masked_fill_value(scores.dtype)
     masked = scores.masked_fill(invalid, fill)
-    k = min(int(ratio), batch - 1)
+    k = min(int(ratio), n_cand - 1)
     if k > 0:
         if hard_negative:
             index = masked.detach().topk(k, dim=1).indices
         else:
             gen_device = generator.device if generator is not None else scores.device
-            keys = torch.rand((batch, batch), generator=generator, device=gen_device).to(scores.device)
+            keys = torch.rand((batch, n_cand), generator=generator, device=gen_device).to(scores.device)
             index = keys.masked_fill(invalid, -1.0).topk(k, dim=1).indices
         neg = masked.gather(1, index)
     else:
         neg = scores.new_empty(batch, 0)
     if k < ratio:
         neg = torch.cat([neg, neg.new_full((batch, int(ratio) - k), fill)], dim=1)
-    return torch.cat([torch.diagonal(scores).unsqueeze(1), neg], dim=1)
+    return torch.cat([scores.gather(1, positive.unsqueeze(1)), neg], dim=1)
 
 
 class MatchModule(RecModule):
@@ -125,6 +167,17 @@ class MatchModule(RecModule):
     sampler that never returns the row's own column. ``mask_accidental_hits`` removes
     columns holding the row's item again. Point-wise batches (labels 0/1: the datamodule's
     ``mode`` is 0, or this module's without a datamodule) keep only their positive rows. Multi-interest users score an item by their best interest.
+
+    **Negatives from every rank** (``gather_negatives=True``, off by default): under a
+    distributed strategy the item embeddings (and their ids, for logQ and accidental-hit
+    masking) are all-gathered from every rank, so each user scores against the
+    ``world_size * B`` items of the global batch instead of its rank's ``B``; row ``i``'s
+    positive is column ``offset + i`` (``offset`` = rows on lower ranks). The gather keeps
+    the autograd graph (``torch.distributed.nn.functional.all_gather``): every rank's loss
+    sends gradient to the rank that embedded the item, so after DDP averages gradients the
+    item tower receives exactly the gradient of a single process training on the
+    concatenated batch. It costs one all-gather of ``(B, D)`` embeddings per step plus its
+    backward; with one process it changes nothing.
 
     **Evaluation.** At the start of validation/test the item corpus
     (``trainer.datamodule.item_corpus()``, or :meth:`set_item_corpus`) is embedded in
@@ -152,6 +205,8 @@ class MatchModule(RecModule):
             ``item_log_q`` or the datamodule's ``item_log_q()``.
         item_log_q: log sampling probability per item id (index = id).
         mask_accidental_hits: mask in-batch negatives that are the row's own item.
+        gather_negatives: with in-batch negatives under DDP/FSDP, score every user against
+            the item embeddings of all ranks (see above). Ignored with one process.
         item_id_feature: batch key of the item id (logQ, masking, corpus ids); default:
             the datamodule's ``item_id_feature``, else the model's first item feature.
         topk: cut-offs of the retrieval metrics.
@@ -202,6 +257,7 @@ class MatchModule(RecModule):
         sparse_embeddings: bool | None = None,
         embedding_optimizer: str = "sparse_adam",
         embedding_optimizer_params: dict[str, Any] | None = None,
+        gather_negatives: bool = False,
     ) -> None:
         if isinstance(mode, bool) or mode not in _MODES:
             raise ValueError(f"mode must be 0 (point-wise), 1 (pair-wise) or 2 (list-wise), got mode={mode!r}")
@@ -227,6 +283,8 @@ class MatchModule(RecModule):
             embedding_optimizer=embedding_optimizer,
             embedding_optimizer_params=embedding_optimizer_params,
         )
+        if not isinstance(gather_negatives, bool):
+            raise ValueError(f"gather_negatives must be True or False, got gather_negatives={gather_negatives!r}")
         if in_batch_neg and not has_towers(self.model):
             raise ValueError(
                 f"in_batch_neg=True needs a two-tower model with user_tower() and item_tower() methods; "
@@ -243,6 +301,7 @@ class MatchModule(RecModule):
             None if item_log_q is None else torch.as_tensor(list(item_log_q), dtype=torch.float32)
         )
         self.mask_accidental_hits = bool(mask_accidental_hits)
+        self.gather_negatives = bool(gather_negatives)
         self.item_id_feature = item_id_feature
         self.topk = tuple(ks)
         self.exclude_seen = bool(exclude_seen)
@@ -322,6 +381,20 @@ class MatchModule(RecModule):
             self._check_ratio(int(batch_size))
         if self.in_batch_neg and self.logq_correction:
             self.item_log_q()
+        if self.gather_negatives:
+            if not self.in_batch_neg:
+                rank_zero_info("MatchModule: gather_negatives=True has no effect without in_batch_neg=True")
+            elif self._world_size() > 1:
+                rank_zero_info(
+                    f"MatchModule: in-batch negatives gathered from {self._world_size()} ranks "
+                    "(each user scores against the global batch's items)"
+                )
+
+    def _world_size(self) -> int:
+        """Processes taking part in the in-batch gather (1 without an initialised process group)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size()
 
     def _check_ratio(self, batch_size: int) -> None:
         if self.in_batch_neg_ratio is not None and self.in_batch_neg_ratio >= batch_size:
@@ -351,6 +424,8 @@ class MatchModule(RecModule):
             if not bool(keep.all()):
                 x = {k: v[keep] for k, v in x.items()}
         model = _unwrap(self.model)
+        if self.gather_negatives and self._world_size() > 1:
+            return self._gathered_in_batch_loss(x, model)
         scores = score_matrix(model.user_tower(x), model.item_tower(x))
         batch = scores.shape[0]
         if batch == 0:
@@ -370,6 +445,57 @@ class MatchModule(RecModule):
             return sampled_softmax_loss(scores=scores, item_ids=hit_ids)
         ratio = batch - 1 if self.in_batch_neg_ratio is None else self.in_batch_neg_ratio
         logits = in_batch_logits(scores, max(ratio, 1), self.hard_negative, self._sampler(scores.device), hit_ids)
+        if self.mode == 1:
+            return bpr_loss(logits[:, 0], logits[:, 1:])
+        return list_wise_loss(logits)
+
+    def _gathered_in_batch_loss(self, x: dict[str, torch.Tensor], model: nn.Module) -> torch.Tensor:
+        """:meth:`in_batch_loss` against the item embeddings of every rank (``gather_negatives``).
+
+        Every rank must call it the same number of times (it runs collectives), also with an
+        empty local batch.
+        """
+        user = model.user_tower(x)
+        item = model.item_tower(x)
+        if item.dim() == 3 and item.shape[1] == 1:
+            item = item.squeeze(1)
+        if item.dim() != 2:
+            raise ValueError(f"item_tower must return (B, D) embeddings, got shape {tuple(item.shape)}")
+        batch = item.shape[0]
+        rank, world = dist.get_rank(), dist.get_world_size()
+        count = torch.tensor([batch], dtype=torch.long, device=item.device)
+        counts = [torch.zeros_like(count) for _ in range(world)]
+        dist.all_gather(counts, count)
+        sizes = [int(c) for c in counts]
+        offset = sum(sizes[:rank])
+        all_items = _gather_rows(item, sizes, sync_grads=True)
+        ids = all_ids = None
+        if self.logq_correction or self.mask_accidental_hits:
+            ids = x[self.resolve_item_id_feature()].reshape(-1).long().to(item.device)
+            all_ids = _gather_rows(ids, sizes, sync_grads=False)
+        n_cand = sum(sizes)
+        if self.in_batch_neg_ratio is not None and n_cand >= self._max_batch_seen:
+            self._check_ratio(n_cand)
+        self._max_batch_seen = max(self._max_batch_seen, n_cand)
+        scores = score_matrix(user, all_items)
+        if batch == 0:
+            return scores.sum() + 0.0 * all_items.sum()  # joins the backward collective with a zero gradient
+        scores = scores.float() / self.temperature
+        if self.logq_correction:
+            log_q = self.item_log_q().to(scores.device)
+            scores = scores - log_q[all_ids].unsqueeze(0)
+        positive = torch.arange(offset, offset + batch, device=scores.device)
+        hit_ids = all_ids if self.mask_accidental_hits else None
+        if self.in_batch_neg_ratio is None and self.mode != 1:
+            if hit_ids is not None:
+                hits = (hit_ids.unsqueeze(0) == ids.unsqueeze(1)) & (positive.unsqueeze(1) != torch.arange(n_cand, device=scores.device))
+                scores = scores.masked_fill(hits, masked_fill_value(scores.dtype))
+            return F.cross_entropy(scores, positive)
+        ratio = n_cand - 1 if self.in_batch_neg_ratio is None else self.in_batch_neg_ratio
+        logits = in_batch_logits(
+            scores, max(ratio, 1), self.hard_negative, self._sampler(scores.device), hit_ids,
+            positive=positive, row_item_ids=ids if hit_ids is not None else None,
+        )
         if self.mode == 1:
             return bpr_loss(logits[:, 0], logits[:, 1:])
         return list_wise_loss(logits)

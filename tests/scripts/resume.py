@@ -1,0 +1,77 @@
+"""Train a small model; optionally SIGKILL itself after N steps; optionally resume from last.ckpt.
+
+    python resume.py ctr|mtl OUT_DIR KILL_AFTER_STEP(-1: never) RESUME(0/1)
+
+``ctr``: DeepFM with sparse embeddings, early stopping and dropout. ``mtl``: MMOE with GradNorm
+weighting (manual optimization), a per-step StepLR and gradient clipping. Saves the final
+module state dict (model, and for ``mtl`` GradNorm's task weights / moments / initial losses)
+as ``final.pt`` and the optimizer state, learning rates and step as ``final_opt.pt``.
+"""
+
+import os
+import signal
+import sys
+
+import torch
+from lightning import Trainer, seed_everything
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+
+from rechub_lightning import CTRModule, MTLModule
+from rechub_lightning.checkpoint import AtomicCheckpointIO
+from rechub_lightning.data import CTRDataModule, MTLDataModule
+from rechub_lightning.models.multi_task import MMOE
+from rechub_lightning.models.ranking import DeepFM
+
+family, out, kill_after, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+torch.set_num_threads(1)
+torch.use_deterministic_algorithms(True)
+seed_everything(7)
+
+
+class Kill(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+callbacks = [Kill(), ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), every_n_train_steps=4, save_last=True)]
+if family == "ctr":
+    dm = CTRDataModule(synthetic_rows=3000, synthetic_max_vocab=300, batch_size=256, seed=5)
+    module = CTRModule(DeepFM(schema=dm.schema, mlp_params={"dims": [16], "dropout": 0.3}), sparse_embeddings=True)
+    callbacks.append(EarlyStopping("val/auc", mode="max", patience=5))
+elif family == "mtl":
+    dm = MTLDataModule(synthetic_rows=2000, batch_size=256, embed_dim=8, seed=5)
+    model = MMOE(
+        schema=dm.schema,
+        n_expert=2,
+        expert_params={"dims": [16], "dropout": 0.2},
+        tower_params_list=[{"dims": [8], "dropout": 0.2}] * len(dm.task_types),
+    )
+    module = MTLModule(
+        model,
+        adaptive_params={"method": "gradnorm", "alpha": 0.16},
+        scheduler_fn="torch.optim.lr_scheduler.StepLR",
+        scheduler_params={"step_size": 5, "gamma": 0.9},
+        scheduler_interval="step",
+        gradient_clip_val=5.0,
+    )
+else:
+    raise SystemExit(f"family must be ctr or mtl, got {family!r}")
+
+trainer = Trainer(
+    max_epochs=3,
+    accelerator="cpu",
+    devices=1,
+    logger=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    plugins=[AtomicCheckpointIO()],
+    callbacks=callbacks,
+)
+trainer.fit(module, dm, ckpt_path=os.path.join(out, "ckpt", "last.ckpt") if resume else None)
+torch.save(module.state_dict(), os.path.join(out, "final.pt"))
+opt = trainer.optimizers[0]
+torch.save(
+    {"global_step": trainer.global_step, "lr": [g["lr"] for g in opt.param_groups], "optimizer": opt.state_dict()},
+    os.path.join(out, "final_opt.pt"),
+)

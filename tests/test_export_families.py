@@ -1,0 +1,68 @@
+"""ONNX round trip of a multi-task model and of matching towers: onnxruntime == PyTorch at two batch sizes."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from rechub_lightning import DenseFeature, SparseFeature  # noqa: E402
+from rechub_lightning.data import MatchDataModule  # noqa: E402
+from rechub_lightning.export import dummy_inputs, export_onnx, model_features  # noqa: E402
+from rechub_lightning.models.matching import DSSM, STAMP  # noqa: E402
+from rechub_lightning.models.multi_task import MMOE  # noqa: E402
+
+BATCHES = (3, 29)  # the graph's batch dimension is dynamic
+
+
+def _run(path, x):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    assert set(names) == set(x), (names, sorted(x))
+    return sess.run(None, {n: x[n].numpy() for n in names})[0]
+
+
+@pytest.fixture(scope="module")
+def match_schema():
+    dm = MatchDataModule(mode=2, neg_ratio=3, synthetic_users=40, synthetic_items=80, synthetic_interactions=(6, 10),
+                         seq_max_len=8, embed_dim=8)
+    return dm.schema
+
+
+def test_mmoe_all_task_outputs(tmp_path):
+    torch.manual_seed(0)
+    feats = [SparseFeature("a", 20, 4), SparseFeature("b", 7, 4), DenseFeature("d"), DenseFeature("w", embed_dim=3)]
+    model = MMOE(feats, task_types=["classification", "regression", "classification"], n_expert=3,
+                 expert_params={"dims": [8]}, tower_params_list=[{"dims": [4]}] * 3).eval()
+    path = export_onnx(model, str(tmp_path / "mmoe.onnx"))
+    for batch in BATCHES:
+        x = dummy_inputs(model_features(model), batch_size=batch)
+        got = _run(path, x)
+        with torch.no_grad():
+            logits = model(x)
+        # what MTLModule.predict returns: probabilities for classification tasks, raw values for regression
+        expect = torch.stack([torch.sigmoid(logits[:, 0]), logits[:, 1], torch.sigmoid(logits[:, 2])], dim=1).numpy()
+        assert got.shape == (batch, 3)
+        np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["DSSM", "STAMP"])
+@pytest.mark.parametrize("tower", ["user", "item"])
+def test_matching_towers(tmp_path, match_schema, name, tower):
+    torch.manual_seed(0)
+    if name == "DSSM":
+        model = DSSM(user_params={"dims": [16, 8]}, item_params={"dims": [16, 8]}, temperature=0.1, schema=match_schema)
+    else:  # a session (sequence) model: the user tower reads the behaviour history (dynamic length too)
+        model = STAMP(schema=match_schema)
+    model.eval()
+    path = export_onnx(model, str(tmp_path / f"{name}_{tower}.onnx"), tower=tower)
+    feats = model_features(model, tower)
+    for batch, seq_len in zip(BATCHES, (8, 5)):
+        x = dummy_inputs(feats, batch_size=batch, seq_length=seq_len)
+        got = _run(path, x)
+        with torch.no_grad():
+            expect = getattr(model, f"{tower}_tower")(x).numpy()
+        assert got.shape == expect.shape and got.shape[0] == batch
+        np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+    assert getattr(model, "mode", None) is None
