@@ -67,15 +67,14 @@ def run_variant(name: str, rows: int, batch_size: int) -> dict[str, Any]:
     optimizer_params = {"lr": 1e-3, "weight_decay": 1e-5}
 
     if name == "reference":
-        import pandas as pd
         from torch_rechub.basic.features import DenseFeature, SparseFeature
         from torch_rechub.models.multi_task import MMOE
         from torch_rechub.trainers import MTLTrainer
         from torch_rechub.utils.data import DataGenerator
 
         feats = [SparseFeature(c, vocab[c], embed_dim=4) for c in sparse_cols] + [DenseFeature(c) for c in dense_cols]
-        train_dl, val_dl, test_dl = DataGenerator(pd.DataFrame(xt), yt).generate_dataloader(
-            pd.DataFrame(xv), yv, pd.DataFrame(xs), ys, batch_size=batch_size)
+        # dicts of numpy arrays, as its Census example builds them
+        train_dl, val_dl, test_dl = DataGenerator(xt, yt).generate_dataloader(xv, yv, xs, ys, batch_size=batch_size)
         model = MMOE(feats, ["classification"] * 2, 8, expert_params=EXPERT, tower_params_list=[TOWER, TOWER])
         os.makedirs("/tmp/bench_ref_mtl", exist_ok=True)
         trainer = MTLTrainer(model, ["classification"] * 2, optimizer_params=optimizer_params, n_epoch=1,

@@ -106,6 +106,31 @@ def test_mtl_gradnorm_sigkill_resume_equals_uninterrupted(tmp_path):
             assert torch.allclose(value.double(), ob["optimizer"]["state"][pid][key].double(), atol=1e-6, rtol=0), (pid, key)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kill_at, ckpt_every, ckpt_step",
+    [
+        (10, 4, 8),  # killed in the middle of epoch 2, resumed from step 8
+        (9, 7, 7),  # checkpoint written at epoch 1's last batch, before its epoch-end hook ran
+    ],
+)
+def test_mtl_dwa_resume_keeps_the_epoch_loss_means(tmp_path, kill_at, ckpt_every, ckpt_step):
+    """DWA sets each epoch's weights from the previous epochs' mean task losses: a resumed run
+    must continue the interrupted epoch's running sums (and not lose a finished epoch's)."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _run("resume.py", "dwa", full, -1, 0)
+    _run("resume.py", "dwa", cut, kill_at, 0, ckpt_every, expect_kill=True)  # 7 steps per epoch
+    ckpt = torch.load(cut / "ckpt" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == ckpt_step
+    assert ckpt["rechub_mtl_epoch"]["batches"] == (ckpt_step - 1) % 7 + 1
+    _run("resume.py", "dwa", cut, -1, 1, ckpt_every)
+    a = torch.load(full / "final.pt", weights_only=True)
+    b = torch.load(cut / "final.pt", weights_only=True)
+    assert not torch.equal(a["weighting.current_weights"], torch.ones_like(a["weighting.current_weights"]))  # it did adapt
+    diff = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a if not torch.equal(a[k], b[k])}
+    assert all(d <= 1e-6 for d in diff.values()), f"resumed run differs: {diff}"
+
+
 def _train_ctr_with_workers(num_workers, ckpt_dir):
     from lightning import Trainer, seed_everything
 

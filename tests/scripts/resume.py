@@ -1,9 +1,10 @@
 """Train a small model; optionally SIGKILL itself after N steps; optionally resume from last.ckpt.
 
-    python resume.py ctr|mtl OUT_DIR KILL_AFTER_STEP(-1: never) RESUME(0/1)
+    python resume.py ctr|mtl|dwa OUT_DIR KILL_AFTER_STEP(-1: never) RESUME(0/1) [CKPT_EVERY_N_STEPS=4]
 
 ``ctr``: DeepFM with sparse embeddings, early stopping and dropout. ``mtl``: MMOE with GradNorm
-weighting (manual optimization), a per-step StepLR and gradient clipping. Saves the final
+weighting (manual optimization), a per-step StepLR and gradient clipping. ``dwa``: the same
+MMOE with Dynamic Weight Average (epoch-mean task losses set the next epoch's weights). Saves the final
 module state dict (model, and for ``mtl`` GradNorm's task weights / moments / initial losses)
 as ``final.pt`` and the optimizer state, learning rates and step as ``final_opt.pt``.
 """
@@ -23,6 +24,7 @@ from rechub_lightning.models.multi_task import MMOE
 from rechub_lightning.models.ranking import DeepFM
 
 family, out, kill_after, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+ckpt_every = int(sys.argv[5]) if len(sys.argv) > 5 else 4
 torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True)
 seed_everything(7)
@@ -34,12 +36,12 @@ class Kill(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-callbacks = [Kill(), ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), every_n_train_steps=4, save_last=True)]
+callbacks = [Kill(), ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), every_n_train_steps=ckpt_every, save_last=True)]
 if family == "ctr":
     dm = CTRDataModule(synthetic_rows=3000, synthetic_max_vocab=300, batch_size=256, seed=5)
     module = CTRModule(DeepFM(schema=dm.schema, mlp_params={"dims": [16], "dropout": 0.3}), sparse_embeddings=True)
     callbacks.append(EarlyStopping("val/auc", mode="max", patience=5))
-elif family == "mtl":
+elif family in ("mtl", "dwa"):
     dm = MTLDataModule(synthetic_rows=2000, batch_size=256, embed_dim=8, seed=5)
     model = MMOE(
         schema=dm.schema,
@@ -47,16 +49,17 @@ elif family == "mtl":
         expert_params={"dims": [16], "dropout": 0.2},
         tower_params_list=[{"dims": [8], "dropout": 0.2}] * len(dm.task_types),
     )
+    weighting = {"method": "gradnorm", "alpha": 0.16} if family == "mtl" else {"method": "dwa", "temperature": 0.5}
     module = MTLModule(
         model,
-        adaptive_params={"method": "gradnorm", "alpha": 0.16},
+        adaptive_params=weighting,
         scheduler_fn="torch.optim.lr_scheduler.StepLR",
         scheduler_params={"step_size": 5, "gamma": 0.9},
         scheduler_interval="step",
         gradient_clip_val=5.0,
     )
 else:
-    raise SystemExit(f"family must be ctr or mtl, got {family!r}")
+    raise SystemExit(f"family must be ctr, mtl or dwa, got {family!r}")
 
 trainer = Trainer(
     max_epochs=3,

@@ -258,6 +258,10 @@ class BatchDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         skip, self._resume_skip = self._resume_skip, 0
+        if skip and skip >= len(self):
+            # the checkpoint was written at the epoch's last batch (before its end hooks):
+            # Lightning counts that epoch as done and starts the next one from its first batch
+            skip = 0
         self.sampler.skip_next(skip)  # type: ignore[union-attr]
         self._yielded, self._exhausted = skip, False
         return _CountingIterator(super().__iter__(), self)

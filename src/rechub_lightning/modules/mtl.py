@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
-from torchmetrics import MeanSquaredError
+from torchmetrics import MeanMetric, MeanSquaredError
 
 from ..metrics import BinaryAUC, auc_score
 from ..models.multi_task._base import check_task_types
@@ -209,8 +210,13 @@ class MTLModule(RecModule):
 
         self.val_metrics = metrics("val")
         self.test_metrics = metrics("test")
+        # row-weighted mean over all ranks' rows (``self.log(sync_dist=True)`` would average the
+        # per-rank means, which is not the single-process value when ranks hold unequal rows)
+        self.val_loss_mean, self.test_loss_mean = MeanMetric(), MeanMetric()
         self._epoch_loss_sum: torch.Tensor | None = None
         self._epoch_batches = 0
+        self._sums_epoch = 0  # the epoch whose task losses _epoch_loss_sum holds
+        self._sums_restored = False
         self._split: tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]] | None = None
 
     # ------------------------------------------------------------------ losses
@@ -387,6 +393,9 @@ class MTLModule(RecModule):
                 "use precision='bf16-mixed' or '32-true'"
             )
         self._split = None
+        if not self._sums_restored:  # stale sums of an interrupted earlier fit
+            self._epoch_loss_sum, self._epoch_batches = None, 0
+        self._sums_restored = False
         dm = getattr(self.trainer, "datamodule", None)
         data_types = getattr(dm, "task_types", None)
         if data_types is not None and list(data_types) != self.task_types:
@@ -395,12 +404,40 @@ class MTLModule(RecModule):
                 f"the module's task_types {self.task_types}"
             )
 
-    def on_train_epoch_start(self) -> None:
-        super().on_train_epoch_start()
-        self._epoch_loss_sum = None
-        self._epoch_batches = 0
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # the running per-task loss sums of the current epoch: a run resumed mid-epoch gives the
+        # same epoch means (DWA's input). Lightning does not call ``on_train_epoch_start`` for a
+        # resumed epoch, and a checkpoint written during the last batch's validation precedes
+        # ``on_train_epoch_end``: the sums carry their epoch, and sums of a finished epoch are
+        # consumed at the first step of the next one.
+        loss_sum = None if self._epoch_loss_sum is None else self._epoch_loss_sum.detach().cpu()
+        checkpoint["rechub_mtl_epoch"] = {"loss_sum": loss_sum, "batches": self._epoch_batches, "epoch": self._sums_epoch}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        stats = checkpoint.get("rechub_mtl_epoch")
+        if stats and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            loss_sum = stats.get("loss_sum")
+            self._epoch_loss_sum = None if loss_sum is None else loss_sum.to(self.device)
+            self._epoch_batches = int(stats.get("batches", 0))
+            self._sums_epoch = int(stats.get("epoch", checkpoint.get("epoch", 0)))
+            self._sums_restored = True
+
+    def _consume_epoch_losses(self) -> None:
+        """Hand the epoch's mean task losses (over all ranks' batches) to the weighting."""
+        if self._epoch_loss_sum is not None:
+            stats = torch.cat([self._epoch_loss_sum, self._epoch_loss_sum.new_tensor([float(self._epoch_batches)])])
+            if self.trainer.world_size > 1:
+                stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+            means = stats[:-1] / stats[-1]
+            self.weighting.on_epoch_end(means[list(self.trained_tasks)])
+        self._epoch_loss_sum, self._epoch_batches = None, 0
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self._epoch_loss_sum is not None and self._sums_epoch != self.current_epoch:
+            self._consume_epoch_losses()  # resumed from a checkpoint written before that epoch's end
+        self._sums_epoch = self.current_epoch
         out, losses, extra = self.compute_losses(batch)
         trained = self.trained_losses(losses)
         if self.automatic_optimization:
@@ -429,12 +466,7 @@ class MTLModule(RecModule):
         weights = self.weighting.weights()
         for k, i in enumerate(self.trained_tasks):
             self.log(f"loss_weight/task_{i}", float(weights[k]), on_step=False, on_epoch=True, sync_dist=True)
-        if self._epoch_loss_sum is not None:
-            stats = torch.cat([self._epoch_loss_sum, self._epoch_loss_sum.new_tensor([float(self._epoch_batches)])])
-            if self.trainer.world_size > 1:
-                stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-            means = stats[:-1] / stats[-1]
-            self.weighting.on_epoch_end(means[list(self.trained_tasks)])
+        self._consume_epoch_losses()
         if not self.automatic_optimization:
             self._step_schedulers("epoch")
 
@@ -444,10 +476,9 @@ class MTLModule(RecModule):
         out = self._outputs(x)
         y = y.to(out.device)
         losses = self.task_losses(out, y)
-        self.log(
-            f"{stage}/loss", torch.stack(self.trained_losses(losses)).mean(), on_step=False, on_epoch=True,
-            batch_size=out.shape[0], sync_dist=True,
-        )
+        loss_mean = self.val_loss_mean if stage == "val" else self.test_loss_mean
+        loss_mean.update(torch.stack(self.trained_losses(losses)).mean().detach(), weight=out.shape[0])
+        self.log(f"{stage}/loss", loss_mean, on_step=False, on_epoch=True)
         preds = self.predictions(out)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         for i, metric in enumerate(metrics):
