@@ -12,7 +12,7 @@ import os
 import sys
 
 mode, out = sys.argv[1], sys.argv[2]
-ROWS, VAL_ROWS, ROW_GROUP = int(os.environ.get("STREAM_ROWS", 900_000)), 50_000, 10_000
+ROWS, VAL_ROWS, ROW_GROUP = int(os.environ.get("STREAM_ROWS", 1_200_000)), 50_000, 10_000
 SPARSE = [f"C{i}" for i in range(1, 27)]
 DENSE = [f"I{i}" for i in range(1, 14)]
 
