@@ -1,7 +1,6 @@
 """The `rechub` CLI: fit on tiny default data, validate/predict from the checkpoint."""
 
 import glob
-import os
 
 import pandas as pd
 import pytest

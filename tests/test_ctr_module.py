@@ -164,7 +164,7 @@ def test_gpus_map_to_ddp_never_dataparallel():
 
 
 def test_reference_model_object_trains_with_probabilities(tmp_path):
-    trh = pytest.importorskip("torch_rechub")
+    pytest.importorskip("torch_rechub")
     from torch_rechub.basic.features import DenseFeature as RD, SparseFeature as RS
     from torch_rechub.models.ranking import DeepFM as RefDeepFM
 

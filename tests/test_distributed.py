@@ -14,7 +14,7 @@ from lightning import Trainer
 from conftest import quiet_trainer_kwargs
 from rechub_lightning import CTRModule
 from rechub_lightning.data import CTRDataModule
-from rechub_lightning.models.ranking import DCNv2, DeepFM
+from rechub_lightning.models.ranking import DCNv2
 
 MLP = {"dims": [32], "dropout": 0.0}
 

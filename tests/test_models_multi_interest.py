@@ -69,6 +69,7 @@ def _batch(seed: int = 0, post_padding: bool = True) -> dict[str, torch.Tensor]:
 
 
 def _models():
+    torch.manual_seed(0)  # the same weights whatever ran before
     s = _schema()
     return [
         ("MIND", MIND(max_length=L, temperature=0.2, interest_num=K, schema=s)),

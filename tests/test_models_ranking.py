@@ -4,7 +4,7 @@ given identical weights (ours return logits, the reference returns sigmoid(logit
 import pytest
 import torch
 
-from rechub_lightning.features import DenseFeature, FeatureSchema, SparseFeature
+from rechub_lightning.features import FeatureSchema
 from rechub_lightning.models.base import build_model, model_spec, returns_logits
 from rechub_lightning.models.ranking import DCN, DCNv2, DeepFM, WideDeep
 
@@ -28,6 +28,7 @@ MLP = {"dims": [16, 8], "dropout": 0.1, "activation": "relu"}
 
 
 def _ours():
+    torch.manual_seed(0)  # the same weights whatever ran before (a dead ReLU unit depends on them)
     d, s = _features()
     return [
         ("WideDeep", WideDeep(d, s, MLP), {}),
@@ -42,6 +43,7 @@ def _ours():
 @pytest.mark.parametrize("name,model,_", _ours(), ids=lambda v: v if isinstance(v, str) else "")
 def test_shape_and_every_parameter_gets_gradient(name, model, _):
     d, s = _features()
+    torch.manual_seed(1)
     x = _batch(d, s)
     out = model(x)
     assert out.shape == (B,)

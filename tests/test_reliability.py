@@ -1,6 +1,5 @@
 """Interrupted runs resume exactly; same seed, same result; checkpoints are atomic."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path

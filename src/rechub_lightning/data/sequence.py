@@ -480,7 +480,7 @@ def generate_seq_feature(
     keep_user = lens >= min_item
     # flat arrays of the kept users only
     ev_keep = np.repeat(keep_user, lens)
-    user_k, item_k = user_s[ev_keep], item_s[ev_keep]
+    item_k = item_s[ev_keep]
     attr_k = {c: attr_s[c][ev_keep] for c in attrs}
     uids, lens = uids[keep_user], lens[keep_user]
     n_users = len(uids)
