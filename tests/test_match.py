@@ -485,3 +485,17 @@ def test_distributed_validation_equals_single_process(tmp_path):
     assert set(single) == set(ddp)
     for key, value in single.items():
         assert ddp[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    # predictions: every user (77, odd) and item once, in input order, the same top-K
+    import pandas as pd
+
+    for table in ("user_embeddings", "item_embeddings", "topk"):
+        a = pd.read_csv(tmp_path / "single" / f"{table}.csv")
+        b = pd.read_csv(tmp_path / "ddp" / f"{table}.csv")
+        assert list(a.columns) == list(b.columns), table
+        assert len(a) == len(b) > 0, table
+        emb = [c for c in a.columns if c.startswith("emb_") or c == "score"]
+        keys = [c for c in a.columns if c not in emb]
+        pd.testing.assert_frame_equal(a[keys], b[keys], check_exact=True, obj=table)
+        np.testing.assert_allclose(a[emb].to_numpy(), b[emb].to_numpy(), rtol=1e-5, atol=1e-6, err_msg=table)
+    users = pd.read_csv(tmp_path / "single" / "user_embeddings.csv")
+    assert users["row"].tolist() == list(range(len(users))) and users.iloc[:, 1].is_unique

@@ -1,4 +1,6 @@
-"""Matching validation metrics under 2 gloo processes (Lightning's ddp launcher) vs one process.
+"""Matching under 2 gloo processes (Lightning's ddp launcher) vs one process: validation
+metrics, and the prediction tables (user / item embeddings, top-K) written by
+``MatchPredictionWriter`` to OUT_DIR/single and OUT_DIR/ddp.
 
     python ddp_match.py OUT_DIR
 """
@@ -13,6 +15,7 @@ import torch
 from rechub_lightning import MatchModule
 from rechub_lightning.data import MatchDataModule
 from rechub_lightning.models.matching import YoutubeDNN
+from rechub_lightning.prediction import MatchPredictionWriter
 
 out = sys.argv[1]
 torch.set_num_threads(1)
@@ -26,9 +29,16 @@ def build() -> MatchModule:
     return MatchModule(YoutubeDNN(user_params={"dims": [16, 8]}, temperature=0.1, schema=dm.schema), mode=2, topk=(5, 10))
 
 
+def writer(name: str) -> MatchPredictionWriter:
+    return MatchPredictionWriter(os.path.join(out, name), top_k=5)
+
+
 # one process first (no process group yet; the ddp launcher re-runs this script for rank 1)
-single = L.Trainer(devices=1, **quiet).validate(build(), dm, verbose=False)[0]
-ddp = L.Trainer(devices=2, strategy="ddp", **quiet)
+one = L.Trainer(devices=1, callbacks=[writer("single")], **quiet)
+single = one.validate(build(), dm, verbose=False)[0]
+one.predict(build(), dm, return_predictions=False)
+ddp = L.Trainer(devices=2, strategy="ddp", callbacks=[writer("ddp")], **quiet)
 res = ddp.validate(build(), dm, verbose=False)[0]
+ddp.predict(build(), dm, return_predictions=False)
 if ddp.is_global_zero:
     json.dump({"single": single, "ddp": res}, open(os.path.join(out, "match_ddp.json"), "w"))
