@@ -1,4 +1,5 @@
-"""ONNX round trip of a multi-task model and of matching towers: onnxruntime == PyTorch at two batch sizes."""
+"""ONNX round trip of a multi-task model and of every matching model's towers: onnxruntime ==
+PyTorch at two batch sizes (and two history lengths where the model allows it)."""
 
 import numpy as np
 import pytest
@@ -10,7 +11,20 @@ ort = pytest.importorskip("onnxruntime")
 from rechub_lightning import DenseFeature, SparseFeature  # noqa: E402
 from rechub_lightning.data import MatchDataModule  # noqa: E402
 from rechub_lightning.export import dummy_inputs, export_onnx, model_features  # noqa: E402
-from rechub_lightning.models.matching import DSSM, STAMP  # noqa: E402
+from rechub_lightning.models.matching import (  # noqa: E402
+    DSSM,
+    GRU4Rec,
+    MIND,
+    NARM,
+    SASRec,
+    SINE,
+    STAMP,
+    ComirecDR,
+    ComirecSA,
+    FaceBookDSSM,
+    YoutubeDNN,
+    YoutubeSBC,
+)
 from rechub_lightning.models.multi_task import MMOE  # noqa: E402
 
 BATCHES = (3, 29)  # the graph's batch dimension is dynamic
@@ -47,19 +61,40 @@ def test_mmoe_all_task_outputs(tmp_path):
         np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["DSSM", "STAMP"])
+P = {"dims": [16, 8]}
+L = 8  # the fixture's seq_max_len
+MATCH_MODELS = {
+    "DSSM": lambda s: DSSM(user_params=P, item_params=P, temperature=0.1, schema=s),
+    "FaceBookDSSM": lambda s: FaceBookDSSM(user_params=P, item_params=P, schema=s),
+    "YoutubeDNN": lambda s: YoutubeDNN(user_params=P, schema=s),
+    "YoutubeSBC": lambda s: YoutubeSBC(user_params=P, item_params=P, n_neg=3, schema=s),
+    "GRU4Rec": lambda s: GRU4Rec(user_params={**P, "num_layers": 2}, schema=s),
+    "NARM": lambda s: NARM(hidden_dim=12, schema=s),
+    "STAMP": lambda s: STAMP(schema=s),
+    "SASRec": lambda s: SASRec(max_len=L, num_heads=2, schema=s),
+    "MIND": lambda s: MIND(max_length=L, interest_num=2, schema=s),
+    "ComirecSA": lambda s: ComirecSA(interest_num=2, schema=s),
+    "ComirecDR": lambda s: ComirecDR(max_length=L, interest_num=2, schema=s),
+    "SINE": lambda s: SINE(hidden_dim=16, num_concept=10, num_intention=2, seq_max_len=L, num_heads=2, schema=s),
+}
+
+
+@pytest.mark.parametrize("name", list(MATCH_MODELS))
 @pytest.mark.parametrize("tower", ["user", "item"])
 def test_matching_towers(tmp_path, match_schema, name, tower):
     torch.manual_seed(0)
-    if name == "DSSM":
-        model = DSSM(user_params={"dims": [16, 8]}, item_params={"dims": [16, 8]}, temperature=0.1, schema=match_schema)
-    else:  # a session (sequence) model: the user tower reads the behaviour history (dynamic length too)
-        model = STAMP(schema=match_schema)
-    model.eval()
+    model = MATCH_MODELS[name](match_schema).eval()
     path = export_onnx(model, str(tmp_path / f"{name}_{tower}.onnx"), tower=tower)
     feats = model_features(model, tower)
-    for batch, seq_len in zip(BATCHES, (8, 5)):
+    # SASRec's attention (nn.MultiheadAttention) traces its sequence length as a constant: its
+    # user tower takes histories padded to max_len (documented in export_onnx)
+    lengths = (L, L) if name == "SASRec" else (L, 5)
+    for batch, seq_len in zip(BATCHES, lengths):
         x = dummy_inputs(feats, batch_size=batch, seq_length=seq_len)
+        if "hist_movie_id" in x:  # real histories: some pre-/post-padded, one empty
+            x["hist_movie_id"][0] = 0
+            x["hist_movie_id"][1, :2] = 0
+            x["hist_movie_id"][2, -2:] = 0
         got = _run(path, x)
         with torch.no_grad():
             expect = getattr(model, f"{tower}_tower")(x).numpy()

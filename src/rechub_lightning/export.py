@@ -82,6 +82,15 @@ def dummy_inputs(features: Sequence[Feature], batch_size: int = 2, seq_length: i
     return x
 
 
+def _model_max_length(model: nn.Module) -> int | None:
+    """The longest history a sequence model accepts, when it declares one."""
+    for attr in ("max_length", "seq_max_len", "max_len"):
+        value = getattr(model, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 class _Positional(nn.Module):
     def __init__(self, model: nn.Module, names: list[str], tower: str | None, probabilities: bool) -> None:
         super().__init__()
@@ -120,7 +129,7 @@ def export_onnx(
     features: Sequence[Feature] | None = None,
     dummy_input: dict[str, torch.Tensor] | None = None,
     probabilities: bool | None = None,
-    seq_length: int = 10,
+    seq_length: int | None = None,
     opset_version: int = 17,
 ) -> str:
     """Export ``model`` (or its ``user``/``item`` tower) to an ONNX file.
@@ -133,12 +142,15 @@ def export_onnx(
         dummy_input: example inputs (default: random valid ids/values).
         probabilities: apply the sigmoid (default: yes for our logit models, not for towers;
             multi-task models with ``task_types``: to the classification tasks only).
-        seq_length: sequence length of generated dummy inputs.
+        seq_length: sequence length of generated dummy inputs (default: the model's
+            ``max_length`` / ``seq_max_len`` / ``max_len`` when it has one, else 10); the
+            exported graph accepts any length the model does.
         opset_version: ONNX opset.
 
     Returns:
         The path written. Inputs are named after the features, the output ``output``; the
-        batch dimension (and sequence length) are dynamic.
+        batch dimension (and sequence length) are dynamic, except SASRec's sequence length,
+        which its attention traces as a constant (feed histories padded to ``max_len``).
 
     Raises:
         ImportError: when ``onnx`` is not installed (``pip install 'rechub-lightning[onnx]'``).
@@ -150,6 +162,8 @@ def export_onnx(
     if tower not in (None, "user", "item"):
         raise ValueError(f"tower must be None, 'user' or 'item', got {tower!r}")
     feats = list(features) if features is not None else model_features(model, tower)
+    if seq_length is None:
+        seq_length = _model_max_length(model) or 10
     x = dummy_input or dummy_inputs(feats, batch_size=2, seq_length=seq_length)
     names = [f.name for f in feats]
     if probabilities is None:

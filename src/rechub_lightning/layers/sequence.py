@@ -17,6 +17,11 @@ __all__ = [
 ]
 
 
+def _exporting() -> bool:
+    """True while a model is being traced for ONNX/TorchScript (packed sequences do not export)."""
+    return bool(torch.onnx.is_in_onnx_export() or torch.jit.is_tracing())
+
+
 def left_align(seq: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Move the valid positions of each row to the front, keeping their order.
 
@@ -32,8 +37,11 @@ def left_align(seq: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tor
         the ``k``-th aligned element, so ``other.gather(1, index)`` aligns another tensor the
         same way.
     """
-    # Stable sort of "is padding" keeps valid positions first, in their original order.
-    index = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    # Sorting the unique keys "is padding" * L + position keeps valid positions first, in their
+    # original order (a stable partition; unique keys need no stable sort, which ONNX lacks).
+    length = mask.shape[1]
+    key = (~mask).to(torch.long) * length + torch.arange(length, device=mask.device)
+    index = torch.sort(key, dim=1).indices
     gather_index = index.view(*index.shape, *([1] * (seq.dim() - 2))).expand_as(seq)
     return seq.gather(1, gather_index), mask.gather(1, index), index
 

@@ -13,7 +13,7 @@ from torch.nn.utils import rnn as rnn_utils
 
 from ...features import Feature, FeatureSchema, SequenceFeature
 from ...layers import MLP, EmbeddingLayer
-from ...layers.sequence import left_align
+from ...layers.sequence import _exporting, left_align
 from ._match_common import (
     MatchModel,
     check_temperature,
@@ -111,8 +111,13 @@ class GRU4Rec(MatchModel):
         seq = torch.cat([self.embedding.embed_sequence(x, f)[0] for f in self.history_features], dim=-1)  # type: ignore[arg-type]
         seq = seq * mask.unsqueeze(-1).to(seq.dtype)
         seq, mask, _ = left_align(seq, mask)
-        lengths = mask.sum(dim=1).clamp(min=1).cpu()  # an empty history reads one zero vector
-        packed = rnn_utils.pack_padded_sequence(seq, lengths, batch_first=True, enforce_sorted=False)
+        lengths = mask.sum(dim=1).clamp(min=1)  # an empty history reads one zero vector
+        if _exporting():
+            # graph export: the left-aligned padded run; the last layer's output after the last
+            # real item is the packed run's final state
+            out, _ = self.gru(seq)
+            return out.gather(1, (lengths - 1).view(-1, 1, 1).expand(-1, 1, out.shape[-1])).squeeze(1)
+        packed = rnn_utils.pack_padded_sequence(seq, lengths.cpu(), batch_first=True, enforce_sorted=False)
         _, state = self.gru(packed)
         return state[-1]
 

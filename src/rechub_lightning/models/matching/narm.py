@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import rnn as rnn_utils
 
 from ...features import Feature, FeatureSchema, SequenceFeature
-from ...layers.sequence import left_align
+from ...layers.sequence import _exporting, left_align
 from ._match_common import (
     SessionModel,
     dot_logits,
@@ -85,12 +85,18 @@ class NARM(SessionModel):
         emb = emb * mask.unsqueeze(-1).to(emb.dtype)
         emb, mask, _ = left_align(emb, mask)
         lengths = mask.sum(dim=1)
-        mask = mask.clone()
-        mask[:, 0] |= lengths == 0  # an empty session reads (and attends to) one zero vector
-        packed = rnn_utils.pack_padded_sequence(emb, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-        out, state = self.gru(packed)
-        h, _ = rnn_utils.pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])
-        h_t = state[-1]  # (B, H)
+        # an empty session reads (and attends to) one zero vector
+        mask = torch.cat([mask[:, :1] | (lengths == 0).unsqueeze(1), mask[:, 1:]], dim=1)
+        if _exporting():
+            # graph export: the left-aligned padded run; the state after the last real item is
+            # the packed run's final state, and padded outputs get zero attention below
+            h, _ = self.gru(emb)
+            h_t = h.gather(1, (lengths.clamp(min=1) - 1).view(-1, 1, 1).expand(-1, 1, h.shape[-1])).squeeze(1)
+        else:
+            packed = rnn_utils.pack_padded_sequence(emb, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+            out, state = self.gru(packed)
+            h, _ = rnn_utils.pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])
+            h_t = state[-1]  # (B, H)
         q = (torch.sigmoid(h_t.unsqueeze(1) @ self.a_1.T + h @ self.a_2.T) @ self.v).squeeze(-1)  # (B, L)
         alpha = torch.softmax(q.masked_fill(~mask, float("-inf")), dim=1)
         c_local = (alpha.unsqueeze(-1) * h).sum(dim=1)

@@ -130,8 +130,10 @@ class SASRec(SessionModel):
         h = self.item_embedding(ids) * self.embed_dim**0.5
         h = h + self.position_emb(torch.arange(length, device=ids.device)).unsqueeze(0)
         h = self.emb_dropout(h) * keep.to(h.dtype)
-        eye = torch.eye(length, dtype=torch.bool, device=ids.device)
-        allowed = torch.tril(torch.ones(length, length, dtype=torch.bool, device=ids.device))
+        # (comparisons of positions rather than eye/tril: they export to every ONNX runtime)
+        pos = torch.arange(length, device=ids.device)
+        eye = pos.unsqueeze(1) == pos.unsqueeze(0)
+        allowed = pos.unsqueeze(1) >= pos.unsqueeze(0)  # query i sees keys j <= i
         # causal, never a padded key; a position may always see itself (no all-masked rows)
         allowed = allowed.unsqueeze(0) & (mask.unsqueeze(1) | eye.unsqueeze(0))
         attn_mask = (~allowed).repeat_interleave(self.num_heads, dim=0)
