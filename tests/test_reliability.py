@@ -106,6 +106,25 @@ def test_mtl_gradnorm_sigkill_resume_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
+def test_streamed_parquet_sigkill_resume_equals_uninterrupted(tmp_path):
+    """Out-of-core training resumes mid-epoch too: the epoch's row-group order is regenerated
+    and the batches already trained on are dropped, so the weights equal an uninterrupted run's."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _run("resume.py", "stream", full, -1, 0)
+    _run("resume.py", "stream", cut, 18, 0, expect_kill=True)  # 12 batches per epoch: killed in epoch 2
+    ckpt = torch.load(cut / "ckpt" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 16
+    _run("resume.py", "stream", cut, -1, 1)
+    a = torch.load(full / "final.pt", weights_only=True)
+    b = torch.load(cut / "final.pt", weights_only=True)
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"resumed run differs in {diff}"
+    oa = torch.load(full / "final_opt.pt", weights_only=True)
+    ob = torch.load(cut / "final_opt.pt", weights_only=True)
+    assert oa["global_step"] == ob["global_step"] == 36
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kill_at, ckpt_every, ckpt_step",
     [

@@ -1,8 +1,9 @@
 """Train a small model; optionally SIGKILL itself after N steps; optionally resume from last.ckpt.
 
-    python resume.py ctr|mtl|dwa OUT_DIR KILL_AFTER_STEP(-1: never) RESUME(0/1) [CKPT_EVERY_N_STEPS=4]
+    python resume.py ctr|stream|mtl|dwa OUT_DIR KILL_AFTER_STEP(-1: never) RESUME(0/1) [CKPT_EVERY_N_STEPS=4]
 
-``ctr``: DeepFM with sparse embeddings, early stopping and dropout. ``mtl``: MMOE with GradNorm
+``ctr``: DeepFM with sparse embeddings, early stopping and dropout. ``stream``: the same model
+streaming its training data from Parquet row groups (shuffle buffer of 2 groups). ``mtl``: MMOE with GradNorm
 weighting (manual optimization), a per-step StepLR and gradient clipping. ``dwa``: the same
 MMOE with Dynamic Weight Average (epoch-mean task losses set the next epoch's weights). Saves the final
 module state dict (model, and for ``mtl`` GradNorm's task weights / moments / initial losses)
@@ -41,6 +42,23 @@ if family == "ctr":
     dm = CTRDataModule(synthetic_rows=3000, synthetic_max_vocab=300, batch_size=256, seed=5)
     module = CTRModule(DeepFM(schema=dm.schema, mlp_params={"dims": [16], "dropout": 0.3}), sparse_embeddings=True)
     callbacks.append(EarlyStopping("val/auc", mode="max", patience=5))
+elif family == "stream":
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rechub_lightning.data import make_criteo_like
+
+    train_path, val_path = os.path.join(out, "train.parquet"), os.path.join(out, "val.parquet")
+    if not os.path.exists(train_path):  # the same files for every run in OUT_DIR
+        os.makedirs(out, exist_ok=True)
+        df = make_criteo_like(n_rows=3500, max_vocab=300, seed=5)
+        pq.write_table(pa.Table.from_pandas(df.iloc[:3000], preserve_index=False), train_path, row_group_size=250)
+        pq.write_table(pa.Table.from_pandas(df.iloc[3000:], preserve_index=False), val_path, row_group_size=250)
+    dm = CTRDataModule(
+        path=train_path, val_path=val_path, sparse_features=[f"C{i}" for i in range(1, 27)],
+        dense_features=[f"I{i}" for i in range(1, 14)], batch_size=256, streaming=True, shuffle_buffer=2, seed=5,
+    )
+    module = CTRModule(DeepFM(schema=dm.schema, mlp_params={"dims": [16], "dropout": 0.3}), sparse_embeddings=True)
 elif family in ("mtl", "dwa"):
     dm = MTLDataModule(synthetic_rows=2000, batch_size=256, embed_dim=8, seed=5)
     model = MMOE(
@@ -59,7 +77,7 @@ elif family in ("mtl", "dwa"):
         gradient_clip_val=5.0,
     )
 else:
-    raise SystemExit(f"family must be ctr, mtl or dwa, got {family!r}")
+    raise SystemExit(f"family must be ctr, stream, mtl or dwa, got {family!r}")
 
 trainer = Trainer(
     max_epochs=3,

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
 from ..features import FeatureSchema
-from .datasets import to_tensor
+from .datasets import _CountingIterator, to_tensor
 from .preprocessing import Preprocessor
 
 __all__ = ["ParquetSource", "ParquetStreamDataset", "StreamDataLoader", "require_pyarrow", "check_parquet_schema"]
@@ -505,15 +505,44 @@ class StreamDataLoader(DataLoader):
     Lightning calls ``sampler.set_epoch(epoch)`` at every epoch start; here that reaches the
     dataset, so each epoch reads a new order. Workers are not persistent, so each epoch's
     workers get a copy of the dataset holding the current epoch.
+
+    Resuming mid-epoch: Lightning saves ``state_dict()`` (epoch, batches consumed) in
+    checkpoints and calls ``load_state_dict`` before the first iteration after a restart. The
+    epoch's order is a function of (seed, epoch, rank, worker), so the resumed iteration
+    regenerates it and drops the batches already trained on: the run continues with exactly
+    the batches an uninterrupted run would see, at the price of reading those row groups again.
     """
 
     def __init__(self, dataset: ParquetStreamDataset, num_workers: int = 0, pin_memory: bool = False, **kwargs: Any) -> None:
         self._epoch_sampler = _EpochSampler(dataset)
         dataset.loader_workers = int(num_workers)
+        # A private generator: creating an iterator draws its base seed from it, not from torch's
+        # global RNG, so streaming never shifts dropout randomness (nor a resumed run's).
+        kwargs.setdefault("generator", torch.Generator().manual_seed(dataset.seed))
         super().__init__(
             dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, collate_fn=_identity,
             persistent_workers=False, **kwargs,
         )
+        self._yielded = 0
+        self._exhausted = False
+        self._resume_skip = 0
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        skip, self._resume_skip = self._resume_skip, 0
+        if skip >= len(self):  # checkpoint written at the epoch's last batch: the next epoch starts afresh
+            skip = 0
+        it = super().__iter__()
+        for _ in range(skip):  # the interrupted epoch's consumed batches, regenerated and dropped
+            next(it)
+        self._yielded, self._exhausted = skip, False
+        return _CountingIterator(it, self)  # type: ignore[arg-type]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.dataset.epoch), "batches_consumed": self._yielded}  # type: ignore[attr-defined]
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume_skip = int(state_dict.get("batches_consumed", 0))
+        self.set_epoch(int(state_dict.get("epoch", 0)))
 
     @property  # type: ignore[override]
     def sampler(self) -> _EpochSampler:
