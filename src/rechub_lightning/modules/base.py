@@ -325,10 +325,19 @@ class RecModule(L.LightningModule):
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
     def on_train_epoch_start(self) -> None:
+        self._log_learning_rate()
+        self._epoch_clock = (time.perf_counter(), 0)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning does not call on_train_epoch_start for an epoch resumed mid-way
+        if getattr(self, "_lr_logged_epoch", None) != self.current_epoch:
+            self._log_learning_rate()
+
+    def _log_learning_rate(self) -> None:
         opts = self.optimizers()
         opt = opts[0] if isinstance(opts, list) else opts
         self.log("learning_rate", float(opt.param_groups[-1]["lr"]), on_step=False, on_epoch=True, sync_dist=True)
-        self._epoch_clock = (time.perf_counter(), 0)
+        self._lr_logged_epoch = self.current_epoch
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         t0, rows = getattr(self, "_epoch_clock", (time.perf_counter(), 0))
