@@ -220,7 +220,9 @@ class UnrepeatedBatchSampler(_BatchSamplerBase):
 
 
 class _CountingIterator:
-    def __init__(self, it: Iterator[Any], loader: BatchDataLoader) -> None:
+    """Counts the batches handed to the training loop in ``loader._yielded``."""
+
+    def __init__(self, it: Iterator[Any], loader: _ResumableLoader) -> None:
         self._it = it
         self._loader = loader
 
@@ -228,11 +230,7 @@ class _CountingIterator:
         return self
 
     def __next__(self) -> Any:
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            self._loader._exhausted = True
-            raise
+        batch = next(self._it)
         self._loader._yielded += 1
         return batch
 
@@ -240,39 +238,63 @@ class _CountingIterator:
         return len(self._it)  # type: ignore[arg-type]
 
 
-class BatchDataLoader(DataLoader):
-    """A DataLoader over a batch sampler that can resume in the middle of an epoch.
-
-    Lightning saves ``state_dict()`` in checkpoints and calls ``load_state_dict`` before the
-    first iteration after a restart; the next iteration then skips the batches the training
-    loop had already consumed, so a resumed run sees exactly the batches an uninterrupted run
-    would. (Lightning does not prefetch from loaders with a length, so the batches handed out
-    when a checkpoint is written are the batches consumed.)
+class _ResumableLoader:
+    """Mid-epoch resume for a DataLoader: Lightning saves ``state_dict()`` (epoch, batches
+    consumed) in checkpoints and calls ``load_state_dict`` before the first iteration after a
+    restart. A subclass's ``__iter__`` takes :meth:`_take_resume_skip` batches out of the epoch
+    (however its data allows) and returns :meth:`_counting` of its iterator; it provides
+    ``_loader_epoch()`` and ``set_epoch``.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._yielded = 0
-        self._exhausted = False
-        self._resume_skip = 0
+    _yielded = 0
+    _resume_skip = 0
 
-    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+    def _take_resume_skip(self) -> int:
         skip, self._resume_skip = self._resume_skip, 0
-        if skip and skip >= len(self):
+        if skip and skip >= len(self):  # type: ignore[arg-type]
             # the checkpoint was written at the epoch's last batch (before its end hooks):
             # Lightning counts that epoch as done and starts the next one from its first batch
             skip = 0
-        self.sampler.skip_next(skip)  # type: ignore[union-attr]
-        self._yielded, self._exhausted = skip, False
-        return _CountingIterator(super().__iter__(), self)
+        return skip
+
+    def _counting(self, it: Iterator[Any], skipped: int) -> _CountingIterator:
+        self._yielded = skipped
+        return _CountingIterator(it, self)
+
+    def _loader_epoch(self) -> int:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": int(getattr(self.sampler, "epoch", 0)), "batches_consumed": self._yielded}
+        return {"epoch": self._loader_epoch(), "batches_consumed": self._yielded}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._resume_skip = int(state_dict.get("batches_consumed", 0))
+        self.set_epoch(int(state_dict.get("epoch", 0)))
+
+
+class BatchDataLoader(_ResumableLoader, DataLoader):
+    """A DataLoader over a batch sampler that can resume in the middle of an epoch.
+
+    The next iteration after ``load_state_dict`` tells the sampler to skip the batches the
+    training loop had already consumed, so a resumed run sees exactly the batches an
+    uninterrupted run would. (Lightning does not prefetch from loaders with a length, so the
+    batches handed out when a checkpoint is written are the batches consumed.)
+    """
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        skip = self._take_resume_skip()
+        self.sampler.skip_next(skip)  # type: ignore[union-attr]
+        return self._counting(super().__iter__(), skip)
+
+    def _loader_epoch(self) -> int:
+        return int(getattr(self.sampler, "epoch", 0))
+
+    def set_epoch(self, epoch: int) -> None:
         if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(int(state_dict.get("epoch", 0)))
+            self.sampler.set_epoch(epoch)
 
 
 def make_dataloader(

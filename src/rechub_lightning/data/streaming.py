@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
 from ..features import FeatureSchema
-from .datasets import _CountingIterator, to_tensor
+from .datasets import _ResumableLoader, to_tensor
 from .preprocessing import Preprocessor
 
 __all__ = ["ParquetSource", "ParquetStreamDataset", "StreamDataLoader", "require_pyarrow", "check_parquet_schema"]
@@ -499,7 +499,7 @@ class _EpochSampler(Sampler):
             yield None
 
 
-class StreamDataLoader(DataLoader):
+class StreamDataLoader(_ResumableLoader, DataLoader):
     """A DataLoader over a :class:`ParquetStreamDataset` (``batch_size=None``: batches come whole).
 
     Lightning calls ``sampler.set_epoch(epoch)`` at every epoch start; here that reaches the
@@ -523,26 +523,16 @@ class StreamDataLoader(DataLoader):
             dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, collate_fn=_identity,
             persistent_workers=False, **kwargs,
         )
-        self._yielded = 0
-        self._exhausted = False
-        self._resume_skip = 0
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        skip, self._resume_skip = self._resume_skip, 0
-        if skip >= len(self):  # checkpoint written at the epoch's last batch: the next epoch starts afresh
-            skip = 0
+        skip = self._take_resume_skip()
         it = super().__iter__()
         for _ in range(skip):  # the interrupted epoch's consumed batches, regenerated and dropped
             next(it)
-        self._yielded, self._exhausted = skip, False
-        return _CountingIterator(it, self)  # type: ignore[arg-type]
+        return self._counting(it, skip)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": int(self.dataset.epoch), "batches_consumed": self._yielded}  # type: ignore[attr-defined]
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._resume_skip = int(state_dict.get("batches_consumed", 0))
-        self.set_epoch(int(state_dict.get("epoch", 0)))
+    def _loader_epoch(self) -> int:
+        return int(self.dataset.epoch)  # type: ignore[attr-defined]
 
     @property  # type: ignore[override]
     def sampler(self) -> _EpochSampler:

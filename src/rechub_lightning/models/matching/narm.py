@@ -14,6 +14,7 @@ from ...layers.sequence import _exporting, left_align
 from ._match_common import (
     SessionModel,
     dot_logits,
+    last_valid,
     resolve_optional,
     resolve_single,
     schema_history,
@@ -91,7 +92,7 @@ class NARM(SessionModel):
             # graph export: the left-aligned padded run; the state after the last real item is
             # the packed run's final state, and padded outputs get zero attention below
             h, _ = self.gru(emb)
-            h_t = h.gather(1, (lengths.clamp(min=1) - 1).view(-1, 1, 1).expand(-1, 1, h.shape[-1])).squeeze(1)
+            h_t = last_valid(h, mask)
         else:
             packed = rnn_utils.pack_padded_sequence(emb, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
             out, state = self.gru(packed)
