@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import shutil
 import tempfile
@@ -24,15 +23,6 @@ import time
 from typing import Any
 
 from ._common import child_result, machine, run_child, write_json
-
-
-def _config_lr(path: str) -> float:
-    import yaml
-
-    with open(path) as f:
-        cfg = yaml.safe_load(f)
-    params = (cfg.get("model", {}).get("init_args", {}) or {}).get("optimizer_params") or {}
-    return float(params.get("lr", 1e-3))
 
 
 def run_one(config: str, scale: float, seed: int) -> dict[str, Any]:
@@ -45,7 +35,6 @@ def run_one(config: str, scale: float, seed: int) -> dict[str, Any]:
     import lightning as L
 
     root = tempfile.mkdtemp(prefix="zoo_lr_")
-    lr = _config_lr(config)
     args = [
         "--config", config,
         "--seed_everything", str(seed),
@@ -53,11 +42,13 @@ def run_one(config: str, scale: float, seed: int) -> dict[str, Any]:
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
         "--model.init_args.sparse_embeddings", "true",
-        "--model.init_args.embedding_optimizer_params", json.dumps({"lr": scale * lr}),
     ]
     t0 = time.perf_counter()
     cli = RecHubCLI(RecModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False, args=args)
     trainer, module, dm = cli.trainer, cli.model, cli.datamodule
+    # the config's (and its overrides') dense rate, as the module resolved it; read at configure_optimizers
+    lr = float(module.optimizer_params.get("lr", 1e-3))
+    module.embedding_optimizer_params["lr"] = scale * lr
     trainer.fit(module, datamodule=dm)
     cb = trainer.checkpoint_callback
     monitor = cb.monitor
