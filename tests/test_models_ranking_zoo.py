@@ -258,6 +258,20 @@ def test_sequence_defaults_fail_clearly():
         BST(schema=FeatureSchema(c + t, ["label"]))
     with pytest.raises(ValueError, match="pair up"):
         DIN(c, sequence_features()[1], t[:1])
+    with pytest.raises(ValueError, match="pair up"):  # BST attends over (history, target) pairs only
+        BST(c, sequence_features()[1], t + c[1:], MLP, nhead=2, max_seq_len=L + 1)
+
+
+def test_din_takes_extra_targets_into_the_mlp_as_the_reference_does():
+    """Torch-RecHub's Amazon example passes target_features=[item, cate, user_id] for two
+    histories: history i attends with target i, the user id is one more MLP input."""
+    c, h, t = sequence_features()
+    user = c[1]
+    model = DIN([c[0]], h, t + [user], {"dims": [8]}, {"dims": [4]}).eval()
+    assert model.mlp.mlp[0].in_features == 2 * D + 3 * D + 1  # pooled histories, 3 targets, age
+    x = sequence_batch()
+    other_user = dict(x, user_id=(x["user_id"] + 1) % 20)
+    assert not torch.allclose(model(x), model(other_user))
 
 
 # ----------------------------------------------------------------------------- behaviour
@@ -299,9 +313,16 @@ def test_edcn_regulation_gates_are_a_softmax_over_fields():
         reg.g1.copy_(torch.arange(7, dtype=torch.float))
     gate = reg._gate(reg.g1)
     assert gate.shape == (3 + 4 * D,)
-    field_gates = torch.softmax(torch.arange(7, dtype=torch.float) / 2.0, dim=0)
+    # the paper's softmax across the 7 fields, scaled by the number of fields
+    field_gates = 7 * torch.softmax(torch.arange(7, dtype=torch.float) / 2.0, dim=0)
     torch.testing.assert_close(gate[:3], field_gates[:3])
     torch.testing.assert_close(gate[3 : 3 + D], field_gates[3].expand(D))
+    # untrained gates are 1: the regulation leaves the embeddings' scale alone (a bare softmax
+    # would shrink them 7-fold, into BatchNorm's eps-dominated range)
+    fresh = EDCN(d + s, 1, EDCN_MLP).regulation_modules[0]
+    x = torch.randn(4, 3 + 4 * D)
+    for out in fresh(x):
+        torch.testing.assert_close(out, x)
 
 
 def test_fibinet_uses_dense_features():

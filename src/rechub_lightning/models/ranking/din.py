@@ -25,6 +25,7 @@ def resolve_sequence_inputs(
     target_features: Sequence[Feature] | str | None,
     schema: FeatureSchema | None,
     exclude: Sequence[str] = (),
+    extra_targets: bool = False,
 ) -> tuple[list[Feature], list[SequenceFeature], list[Feature]]:
     """Resolve ``(features, history_features, target_features)`` of a behaviour-sequence model.
 
@@ -35,7 +36,9 @@ def resolve_sequence_inputs(
       (``shared_with``), e.g. ``hist_item_id -> item_id``, in the same order;
     * ``features`` (user profile and context): ``"dense+sparse"`` minus the targets.
 
-    History ``i`` is paired with target ``i``; their embedding widths must match.
+    History ``i`` is paired with target ``i``; their embedding widths must match. With
+    ``extra_targets`` (DIN), targets past the last history are allowed: Torch-RecHub's Amazon
+    example passes ``user_id`` as a third target, a plain MLP input there as here.
 
     Raises:
         ValueError: when a default cannot be derived or the pairing does not hold.
@@ -65,10 +68,10 @@ def resolve_sequence_inputs(
         targets = [schema[h.shared_with] for h in history]  # type: ignore[index]
     else:
         targets = resolve_features(target_features, schema, "sparse", "target_features")
-    if len(targets) != len(history):
+    if len(targets) < len(history) or (len(targets) > len(history) and not extra_targets):
         raise ValueError(
             f"history_features {[h.name for h in history]} and target_features {[t.name for t in targets]} "
-            f"must pair up one to one"
+            f"must pair up one to one{'' if not extra_targets else ' (extra targets may follow)'}"
         )
     for h, t in zip(history, targets):
         if h.embed_dim != t.embed_dim:
@@ -114,7 +117,8 @@ class DIN(RecModel):
         history_features: behaviour sequences (default: the ``"sequence"`` group).
         target_features: the candidate's features, one per history feature, same width
             (default: the features the histories share tables with, e.g. ``item_id`` for
-            ``hist_item_id``). See :func:`resolve_sequence_inputs`.
+            ``hist_item_id``); further targets after those join the MLP as in the reference.
+            See :func:`resolve_sequence_inputs`.
         mlp_params: MLP arguments; ``activation`` defaults to ``"dice"``.
         attention_mlp_params: :class:`~rechub_lightning.layers.ActivationUnit` arguments
             (``dims``, ``activation``, ``use_softmax``).
@@ -136,7 +140,7 @@ class DIN(RecModel):
     ) -> None:
         super().__init__()
         self.features, self.history_features, self.target_features = resolve_sequence_inputs(
-            features, history_features, target_features, schema
+            features, history_features, target_features, schema, extra_targets=True
         )
         self.num_history_features = len(self.history_features)
         self.all_dims = total_dim(self.features + self.history_features + self.target_features)

@@ -67,11 +67,17 @@ class BridgeModule(nn.Module):
 
 
 class RegulationModule(nn.Module):
-    """EDCN's regulation module: field-wise gates ``softmax(g / tau)`` over the fields, one
-    for the cross branch and one for the deep branch.
+    """EDCN's regulation module: field-wise gates ``F * softmax(g / tau)`` over the ``F``
+    fields, one for the cross branch and one for the deep branch.
 
     The softmax runs across fields, as in the paper. The reference applies it to each field's
-    scalar separately, which always yields 1: its gates are constant and never learn.
+    scalar separately, which always yields 1: its gates are constant and never learn. The
+    paper's bare softmax starts every gate at ``1 / F`` and so shrinks the embeddings F-fold
+    (52x on Criteo); the following BatchNorm then works in its ``eps``-dominated range, where
+    its running statistics do not reproduce the batch ones and the eval-mode output collapses
+    (measured: logit std 0.4 in eval vs 1.9 in training, val logloss 0.61; with 8k rows a
+    constant prediction). Scaling by ``F`` keeps the paper's relative field weights with
+    gates that start at 1.
 
     Args:
         field_dims: embedding width of every field (a field's gate scales all its units).
@@ -89,7 +95,7 @@ class RegulationModule(nn.Module):
             self.register_buffer("field_dims", torch.tensor(list(field_dims), dtype=torch.long), persistent=False)
 
     def _gate(self, g: torch.Tensor) -> torch.Tensor:
-        return torch.repeat_interleave(torch.softmax(g / self.tau, dim=0), self.field_dims)
+        return torch.repeat_interleave(torch.softmax(g / self.tau, dim=0) * g.numel(), self.field_dims)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.use_regulation:
