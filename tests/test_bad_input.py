@@ -85,6 +85,112 @@ CASES = [
 ]
 
 
+# ---------------------------------------------------------------- the Torch-RecHub API path
+# DataGenerator / Torch-RecHub-style datasets -> CTRTrainer / MTLTrainer / MatchTrainer: the
+# trainers check the loaders' whole data against the model before fitting/evaluating.
+TWO = [SparseFeature("a", 10, embed_dim=4), SparseFeature("b", 10, embed_dim=4)]  # one fused table
+
+
+def columns(n=200, **over):
+    rng = np.random.default_rng(1)
+    x = {"a": rng.integers(0, 10, n), "b": rng.integers(0, 10, n), "d": rng.random(n).astype("float32")}
+    x.update(over)
+    return x
+
+
+def with_value(column, row, value):
+    column = np.array(column, dtype=np.float64 if isinstance(value, float) else None)
+    column[row] = value
+    return column
+
+
+def labels(n=200, tasks=1):
+    y = (np.arange(n * tasks).reshape(n, tasks) % 2).astype("float32")
+    return y[:, 0] if tasks == 1 else y
+
+
+def ctr_fit(x, y, val=None, tmp="ctr"):
+    from rechub_lightning import CTRTrainer
+    from rechub_lightning.data import DataGenerator
+
+    dg = DataGenerator(x, y)
+    tr, va, _ = dg.generate_dataloader(x_val=val[0] if val else x, y_val=val[1] if val else y, x_test=x, y_test=y, batch_size=50)
+    model = DeepFM(TWO + [DenseFeature("d")], TWO, MLP)
+    CTRTrainer(model, n_epoch=1, model_path=str(_tmp / tmp), trainer_kwargs=quiet_trainer_kwargs()).fit(tr, va)
+
+
+def mtl_fit(x, y, task_types=("classification", "classification")):
+    from rechub_lightning import MTLTrainer
+    from rechub_lightning.data import DataGenerator
+    from rechub_lightning.models.multi_task import SharedBottom
+
+    tr, va, _ = DataGenerator(x, y).generate_dataloader(split_ratio=[0.8, 0.1], batch_size=50)
+    model = SharedBottom(TWO + [DenseFeature("d")], ["classification"] * 2, {"dims": [8]}, [{"dims": [4]}] * 2)
+    MTLTrainer(model, task_types, n_epoch=1, model_path=str(_tmp / "mtl"), trainer_kwargs=quiet_trainer_kwargs()).fit(tr, va)
+
+
+def reference_style_evaluate(x, y):
+    """Torch-RecHub's own TorchDataset + a per-row DataLoader, evaluated by our CTRTrainer."""
+    from torch.utils.data import DataLoader
+
+    from rechub_lightning import CTRTrainer
+    from rechub_lightning.data import TorchDataset
+
+    model = DeepFM(TWO + [DenseFeature("d")], TWO, MLP)
+    trainer = CTRTrainer(model, model_path=str(_tmp / "ev"), trainer_kwargs=quiet_trainer_kwargs())
+    trainer.evaluate(model, DataLoader(TorchDataset(x, y), batch_size=50))
+
+
+def match_fit(item_ids):
+    from rechub_lightning import MatchTrainer
+    from rechub_lightning.data import MatchDataGenerator
+    from rechub_lightning.models.matching import DSSM
+
+    user, item = SparseFeature("user_id", 20, embed_dim=8), SparseFeature("item_id", 30, embed_dim=8)
+    n = len(item_ids)
+    x = {"user_id": np.arange(n) % 20, "item_id": np.asarray(item_ids)}
+    tr, _, _ = MatchDataGenerator(x, labels(n)).generate_dataloader({"user_id": np.arange(5)}, {"item_id": np.arange(30)}, batch_size=20)
+    model = DSSM([user], [item], {"dims": [8]}, {"dims": [8]})
+    MatchTrainer(model, mode=0, n_epoch=1, model_path=str(_tmp / "match"), trainer_kwargs=quiet_trainer_kwargs()).fit(tr)
+
+
+_tmp = __import__("pathlib").Path(__import__("tempfile").mkdtemp(prefix="rechub-bad-input-"))
+
+def ratings_with_missing_item():
+    from rechub_lightning.data import make_movielens_like
+
+    r = make_movielens_like(n_users=30, n_items=40, interactions_per_user=(8, 12), seed=0).ratings
+    r = r.astype({"movie_id": "float"})
+    r.loc[3, "movie_id"] = np.nan  # would become a pseudo-item of the corpus
+    return r
+
+
+CASES += [
+    ("MatchDataModule: missing item id", lambda: __import__("rechub_lightning.data", fromlist=["x"]).MatchDataModule(
+        data=ratings_with_missing_item()), ValueError, "'movie_id'"),
+    ("fractional id with preprocessing off", lambda: fit(CTRDataModule(data=frame(cid=[2.5] * 60), sparse_features=["cid"],
+                                                                       dense_features=[], preprocess=False)), ValueError, "'cid'"),
+    ("missing id with preprocessing off", lambda: fit(CTRDataModule(data=frame(cid=[1.0, np.nan] * 30), sparse_features=["cid"],
+                                                                    dense_features=[], preprocess=False)), ValueError, "missing value"),
+    # an id past its feature's block reads the next feature's rows of the fused table unless checked
+    ("CTRTrainer: id past the vocab inside the fused table", lambda: ctr_fit(columns(a=with_value(np.arange(200) % 10, 5, 12)), labels()),
+     ValueError, "'a' in training data has id 12"),
+    ("CTRTrainer: negative id", lambda: ctr_fit(columns(b=with_value(np.arange(200) % 10, 9, -1)), labels()), ValueError, "'b'"),
+    ("CTRTrainer: NaN label", lambda: ctr_fit(columns(), with_value(labels(), 3, np.nan)), ValueError, "NaN"),
+    ("CTRTrainer: label 2", lambda: ctr_fit(columns(), with_value(labels(), 3, 2.0)), ValueError, "found 2.0"),
+    ("CTRTrainer: soft validation label", lambda: ctr_fit(columns(), labels(), val=(columns(), with_value(labels(), 0, 0.5))),
+     ValueError, "validation data must be 0 or 1"),
+    ("CTRTrainer: NaN dense value", lambda: ctr_fit(columns(d=with_value(np.ones(200), 4, np.nan)), labels()), ValueError, "'d'"),
+    ("CTRTrainer: missing column", lambda: ctr_fit({k: v for k, v in columns().items() if k != "b"}, labels()), KeyError, "'b'"),
+    ("CTRTrainer.evaluate, reference-style TorchDataset", lambda: reference_style_evaluate(columns(a=with_value(np.arange(200) % 10, 0, 10)), labels()),
+     ValueError, "'a' in evaluation data"),
+    ("MTLTrainer: NaN in the second label", lambda: mtl_fit(columns(), with_value(labels(tasks=2), (7, 1), np.nan)), ValueError, "label column 1"),
+    ("MTLTrainer: three label columns for two tasks", lambda: mtl_fit(columns(), labels(tasks=3)), ValueError, "3 column(s)"),
+    ("MTLTrainer: task_types as a string", lambda: mtl_fit(columns(), labels(tasks=2), task_types="classification"), TypeError, "task_types"),
+    ("MatchTrainer: item id past the vocab", lambda: match_fit(with_value(np.arange(100) % 30, 2, 31)), ValueError, "'item_id'"),
+]
+
+
 @pytest.fixture
 def step_spy(monkeypatch):
     calls = []

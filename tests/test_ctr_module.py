@@ -154,6 +154,9 @@ def test_gpus_map_to_ddp_never_dataparallel():
     assert device_config("cpu", [0, 1]) == {"accelerator": "gpu", "devices": [0, 1], "strategy": "ddp"}
     assert device_config("cuda:1") == {"accelerator": "gpu", "devices": [1], "strategy": "auto"}
     assert device_config("cpu")["accelerator"] == "cpu"
+    # the reference ignores a one-id gpus list (its examples pass gpus=[0] with device="cpu")
+    assert device_config("cpu", [0]) == {"accelerator": "cpu", "devices": 1, "strategy": "auto"}
+    assert device_config("cuda:1", [0]) == {"accelerator": "gpu", "devices": [1], "strategy": "auto"}
     import rechub_lightning
 
     src = os.path.dirname(rechub_lightning.__file__)

@@ -147,15 +147,22 @@ def test_generate_seq_feature_equals_reference_on_amazon_sample(seed):
     data = _read(AMAZON)
     original = data.copy()
     random.seed(seed)
+    encoded_by_reference = data.copy()
     with _quiet():
-        expected = ref.generate_seq_feature(data.copy(), "user_id", "item_id", "time", item_attribute_cols=["cate_id"])
+        expected = ref.generate_seq_feature(encoded_by_reference, "user_id", "item_id", "time", item_attribute_cols=["cate_id"])
     # Documented difference: we sort stably, the reference with an unstable quicksort. Fed
     # the reference's sorted order, the rows are identical.
     ordered = data.loc[_reference_time_order(data, "time", encode=True)]
     got = generate_seq_feature(ordered, "user_id", "item_id", "time", item_attribute_cols=["cate_id"], seed=seed)
     for e, g in zip(expected, got):
         pd.testing.assert_frame_equal(g, e)
-    pd.testing.assert_frame_equal(data, original)  # the caller's frame is untouched
+    # Like the reference, the frame passed in is label-encoded in place (its examples read the
+    # vocabulary sizes from it) ...
+    pd.testing.assert_frame_equal(ordered.sort_index(), encoded_by_reference.sort_index(), check_dtype=False)
+    # ... unless asked not to
+    untouched = original.copy()
+    generate_seq_feature(untouched, "user_id", "item_id", "time", item_attribute_cols=["cate_id"], seed=seed, inplace=False)
+    pd.testing.assert_frame_equal(untouched, original)
 
 
 def test_generate_seq_feature_global_random_state_matches_reference():

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data.base import validate_loader
 from .data.match import SEEN_ITEMS_KEY
+from .export import _tower_features
 from .metrics import BinaryAUC, topk_metrics
 from .models.base import returns_logits
 from .modules.base import split_batch
@@ -112,6 +114,12 @@ class MatchTrainer(_FacadeBase):
         )
         self.model.to(self.device)
 
+    # ------------------------------------------------------------------ input checks
+    _require_all_features = False  # user loaders hold the user tower's features, item loaders the item's
+
+    def _label_types(self) -> list[str] | None:
+        return ["classification"] if self.mode == 0 else None  # pair-/list-wise labels are placeholders
+
     # ------------------------------------------------------------------ training
     def fit(
         self,
@@ -135,7 +143,12 @@ class MatchTrainer(_FacadeBase):
         corpus = _collect(item_dataloader) if item_dataloader is not None else item_corpus
         self.module.set_item_corpus(corpus)
         self.module.monitor = MatchModule.monitor if corpus is not None or val_dataloader is None else "val/auc"
-        self._run_fit(train_dataloader, val_dataloader, "model.pth")
+        feats = self._model_features(self.model)
+        if feats is not None:  # training rows feed both towers: all of their features must be there
+            towers = {f.name for tower in ("user", "item") for f in _tower_features(self.model, tower)}
+            validate_loader(train_dataloader, [f for f in feats if f.name in towers], "training", require_all=True)
+        self._check_loader(item_dataloader, "item corpus", labels=False)
+        self._run_fit(train_dataloader, val_dataloader, "model.pth", val_labels=corpus is None)
 
     def train_one_epoch(self, data_loader: Iterable[Any], log_interval: int = 10) -> float:
         """One pass over ``data_loader`` (the optimizer persists across calls); returns the mean loss."""
@@ -183,6 +196,7 @@ class MatchTrainer(_FacadeBase):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"no trained weights at {path!r} (run fit first, or pass model_path=None)")
             model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        self._check_loader(data_loader, f"{mode} inference", labels=False, model=model)
         emb, _ = self._embed_loader(model, mode, data_loader)
         return emb
 
@@ -210,6 +224,8 @@ class MatchTrainer(_FacadeBase):
         Raises:
             ValueError: missing labels / ground truth, or labels with a single class.
         """
+        self._check_loader(data_loader, "evaluation", labels=item_loader is None, binary=True, model=model)
+        self._check_loader(item_loader, "item corpus", labels=False, model=model)
         if item_loader is None:
             preds, target = self._scores(model, data_loader)
             if target is None:
@@ -272,5 +288,6 @@ class MatchTrainer(_FacadeBase):
 
     def predict(self, model: nn.Module, data_loader: Iterable[Any]) -> list[Any]:
         """The model's scores for every row, in loader order (probabilities for point-wise logits)."""
+        self._check_loader(data_loader, "prediction", labels=False, model=model)
         preds, _ = self._scores(model, data_loader)
         return preds.cpu().tolist()

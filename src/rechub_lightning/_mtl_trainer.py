@@ -103,6 +103,8 @@ class MTLTrainer(_FacadeBase):
         for key in ("gradient_clip_val", "gradient_clip_algorithm"):
             if key in trainer_kwargs:
                 module_kwargs.setdefault(key, trainer_kwargs.pop(key))
+        if isinstance(task_types, str):
+            raise TypeError(f"task_types must be a list with one entry per task, got the string {task_types!r}")
         super().__init__(model, n_epoch, earlystop_patience, device, gpus, model_path, model_logger, trainer_kwargs)
         self.task_types = list(task_types)
         self.n_task = len(self.task_types)
@@ -126,6 +128,9 @@ class MTLTrainer(_FacadeBase):
         self._epoch_log: list[list[float]] = []
         self.model.to(self.device)
 
+    def _label_types(self) -> list[str] | None:
+        return self.task_types
+
     def trainer_config(self, monitor: str, mode: str, with_validation: bool) -> dict[str, Any]:
         cfg = super().trainer_config(monitor, mode, with_validation)
         cfg["callbacks"] = [*cfg["callbacks"], _EpochLog(self.module, self._epoch_log)]
@@ -144,6 +149,7 @@ class MTLTrainer(_FacadeBase):
     def train_one_epoch(self, data_loader: Iterable[Any], log_interval: int = 10) -> list[float]:
         """One pass over ``data_loader`` outside Lightning (the optimizer persists across
         calls); returns the mean loss of every task."""
+        self._check_loader(data_loader, "training")
         module = self.module
         module.to(self.device)
         module.train()
@@ -193,6 +199,7 @@ class MTLTrainer(_FacadeBase):
 
     def evaluate(self, model: nn.Module, data_loader: Iterable[Any]) -> list[float]:
         """Score per task: exact AUC (classification) or MSE (regression); ESMM's CVR on clicked rows."""
+        self._check_loader(data_loader, "evaluation", binary=True, model=model)
         preds, target = self._outputs(model, data_loader)
         if target is None:
             raise ValueError("evaluate needs a loader of (x, y) batches")
@@ -200,5 +207,6 @@ class MTLTrainer(_FacadeBase):
 
     def predict(self, model: nn.Module, data_loader: Iterable[Any]) -> list[list[float]]:
         """Per row, the probability (classification) or value (regression) of every task."""
+        self._check_loader(data_loader, "prediction", labels=False, model=model)
         preds, _ = self._outputs(model, data_loader)
         return preds.tolist()

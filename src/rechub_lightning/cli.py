@@ -10,6 +10,7 @@ configs never repeat vocabulary sizes. For ``validate``/``test``/``predict`` wit
 from __future__ import annotations
 
 import glob
+import importlib
 import logging
 import os
 import sys
@@ -60,6 +61,34 @@ class RecHubCLI(LightningCLI):
             default=[],
             help="predict only: raw input columns copied next to the predictions (e.g. [user_id])",
         )
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as e:
+            if "Union subtypes" in str(e):
+                self._reraise_data_error()
+            raise
+
+    def _reraise_data_error(self) -> None:
+        """Re-raise a datamodule's own ``__init__`` error.
+
+        ``data`` is optional, so jsonargparse reports a datamodule that raised (a NaN label,
+        an unknown column, ...) as "Does not validate against any of the Union subtypes" with
+        the cause as one line among several. Building it again raises the cause itself.
+        """
+        cfg = self.config.get(self.config.get("subcommand")) if self.config.get("subcommand") else self.config
+        data = cfg.get("data") if cfg is not None else None
+        class_path = data.get("class_path") if data is not None else None
+        if not class_path:
+            return
+        module_name, _, name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module_name), name)
+        init_args = data.get("init_args")
+        try:
+            cls(**(init_args.as_dict() if init_args is not None else {}))
+        except Exception as cause:
+            raise cause from None  # the cause alone, without jsonargparse's traceback around it
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)

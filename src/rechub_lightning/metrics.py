@@ -25,6 +25,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -55,6 +56,10 @@ def _check_binary(target: Tensor, what: str = "target") -> None:
     if target.numel() and bool(((target != 0) & (target != 1)).any()):
         bad = target[(target != 0) & (target != 1)][0].item()
         raise ValueError(f"{what} must contain only 0 and 1 (binary labels), found {bad}")
+
+
+def _has_nan(preds: Tensor) -> bool:
+    return preds.is_floating_point() and bool(torch.isnan(preds).any())
 
 
 def _check_same_length(**tensors: Tensor) -> None:
@@ -138,7 +143,8 @@ def auc_score(preds: Tensor, target: Tensor) -> Tensor:
         target: binary labels (0/1, bool, int or float) with as many elements as ``preds``.
 
     Returns:
-        A float32 scalar tensor; ``nan`` when ``target`` holds only one class (or is empty).
+        A float32 scalar tensor; ``nan`` when ``target`` holds only one class (or is empty),
+        or when a score is NaN (a diverged model has no ranking; sklearn raises there).
 
     Raises:
         ValueError: if the sizes differ or ``target`` is not binary.
@@ -150,7 +156,7 @@ def auc_score(preds: Tensor, target: Tensor) -> Tensor:
     """
     _check_same_length(preds=preds, target=target)
     _check_binary(target)
-    if preds.numel() == 0:
+    if preds.numel() == 0 or _has_nan(preds):
         return torch.tensor(float("nan"), device=preds.device)
     _, won2, pos, neg = _group_auc_stats(preds, target)
     denom = 2 * pos * neg
@@ -175,7 +181,7 @@ def gauc_score(preds: Tensor, target: Tensor, groups: Tensor, weights: GroupWeig
             ``{group id: weight}`` that must cover every group with both classes.
 
     Returns:
-        A float32 scalar tensor; ``nan`` if no group has both classes.
+        A float32 scalar tensor; ``nan`` if no group has both classes or a score is NaN.
 
     Raises:
         ValueError: if the sizes differ, ``target`` is not binary or ``weights`` is unknown.
@@ -192,7 +198,7 @@ def gauc_score(preds: Tensor, target: Tensor, groups: Tensor, weights: GroupWeig
     _check_same_length(preds=preds, target=target, groups=groups)
     _check_binary(target)
     nan = torch.tensor(float("nan"), device=preds.device)
-    if preds.numel() == 0:
+    if preds.numel() == 0 or _has_nan(preds):
         return nan
     group_ids, won2, pos, neg = _group_auc_stats(preds, target, groups)
     valid = (pos > 0) & (neg > 0)
@@ -361,7 +367,13 @@ def _topk_dict(sums: Tensor, n_users: int, ks: tuple[int, ...]) -> dict[str, flo
 
 
 def topk_metrics(
-    topk_items: RelevantLike, relevant: RelevantLike, ks: Sequence[int] | int = (5, 10, 20)
+    topk_items: RelevantLike | Mapping[Any, Any] | None = None,
+    relevant: RelevantLike | Mapping[Any, Any] | None = None,
+    ks: Sequence[int] | int | None = None,
+    *,
+    y_true: Mapping[Any, Any] | None = None,
+    y_pred: Mapping[Any, Any] | None = None,
+    topKs: Sequence[int] | int | None = None,
 ) -> dict[str, float]:
     """Recall, hit rate, precision, nDCG and MRR at each cut-off ``k``.
 
@@ -385,14 +397,19 @@ def topk_metrics(
             sequence of ``U`` ranked lists (padded with ``-1``).
         relevant: the held-out items of each user, a ``(U, M)`` integer tensor padded with
             ``-1`` or a sequence of ``U`` lists/sets/tensors of item ids (ids are >= 0).
-        ks: cut-offs.
+        ks: cut-offs (default ``(5, 10, 20)``).
+        y_true, y_pred, topKs: Torch-RecHub's call, ``topk_metrics(y_true, y_pred, topKs)``:
+            ``{user: held-out items}`` and ``{user: ranked recommendations}`` dicts, users
+            taken in ``y_true``'s order (default ``topKs=[5]``, as there). Two dicts passed
+            positionally are read in that order too (the reverse of the tensor form).
 
     Returns:
         ``{"recall@5": ..., "hitrate@5": ..., "precision@5": ..., "ndcg@5": ..., "mrr@5": ..., ...}``
-        as Python floats.
+        as Python floats (also for the Torch-RecHub call, which returned rounded strings).
 
     Raises:
         ValueError: if the numbers of users differ or a cut-off is not a positive int.
+        KeyError: if ``y_pred`` has no recommendations for a user of ``y_true``.
 
     Example:
         >>> import torch
@@ -400,7 +417,27 @@ def topk_metrics(
         >>> out["recall@2"], out["hitrate@2"], out["mrr@2"]
         (0.5, 0.5, 0.25)
     """
-    ks = _check_ks(ks)
+    if y_true is not None or y_pred is not None or isinstance(topk_items, Mapping) or isinstance(relevant, Mapping):
+        if y_true is None and y_pred is None:
+            y_true, y_pred = topk_items, relevant  # type: ignore[assignment]
+        elif topk_items is not None or relevant is not None:
+            raise TypeError("give either (topk_items, relevant) or (y_true=, y_pred=), not both")
+        if not isinstance(y_true, Mapping) or not isinstance(y_pred, Mapping):
+            raise TypeError(
+                "the Torch-RecHub form needs y_true and y_pred as {user: items} dicts, got "
+                f"{type(y_true).__name__} and {type(y_pred).__name__}"
+            )
+        missing = [u for u in y_true if u not in y_pred]
+        if missing:
+            raise KeyError(f"y_pred has no recommendations for user {missing[0]!r} of y_true ({len(missing)} user(s) missing)")
+        topk_items = [np.asarray(y_pred[u]).reshape(-1).tolist() for u in y_true]
+        relevant = [np.asarray(y_true[u]).reshape(-1).tolist() for u in y_true]
+        ks = topKs if topKs is not None else (ks if ks is not None else [5])
+    elif topKs is not None:
+        ks = topKs
+    if topk_items is None or relevant is None:
+        raise TypeError("topk_metrics needs topk_items and relevant (or Torch-RecHub's y_true= and y_pred=)")
+    ks = _check_ks((5, 10, 20) if ks is None else ks)
     sums, n_users = _topk_sums(topk_items, relevant, ks)
     return _topk_dict(sums, n_users, ks)
 
@@ -453,7 +490,7 @@ class BinaryAUC(_CatStateMetric):
     (constant memory, summed across processes); the value is then the exact AUC of the
     binned scores, scores sharing a bin counting as ties.
 
-    Returns ``nan`` with a warning when only one class was seen.
+    Returns ``nan`` with a warning when only one class was seen or a score is NaN.
 
     Args:
         thresholds: ``None`` for the exact AUC or a number of bins (>= 2).
@@ -493,6 +530,7 @@ class BinaryAUC(_CatStateMetric):
         else:
             self.add_state("pos_hist", default=torch.zeros(thresholds, dtype=torch.long), dist_reduce_fx="sum")
             self.add_state("neg_hist", default=torch.zeros(thresholds, dtype=torch.long), dist_reduce_fx="sum")
+            self.add_state("nan_count", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
             self._list_state_dtypes = {}
 
     def update(self, preds: Tensor, target: Tensor) -> None:
@@ -507,19 +545,26 @@ class BinaryAUC(_CatStateMetric):
             return
         if self.validate_args and preds.numel() and bool(((preds < 0) | (preds > 1)).any()):
             raise ValueError(f"{self.name}: binned AUC needs probabilities in [0, 1]")
+        nan = torch.isnan(preds)
+        self.nan_count += nan.sum()
         bins = (preds.double() * self.thresholds).long().clamp(0, self.thresholds - 1)
-        pos = target != 0
+        pos = (target != 0) & ~nan
         self.pos_hist += torch.bincount(bins[pos], minlength=self.thresholds)
-        self.neg_hist += torch.bincount(bins[~pos], minlength=self.thresholds)
+        self.neg_hist += torch.bincount(bins[~pos & ~nan], minlength=self.thresholds)
 
     def compute(self) -> Tensor:
-        """The AUC so far (``nan`` with a warning if only one class was seen)."""
+        """The AUC so far (``nan`` with a warning if only one class was seen or a score is NaN)."""
         if self.thresholds is None:
             preds, target = _cat(self.preds, self.dtype), _cat(self.target, self.dtype)
             n_pos = int((target != 0).sum())
             n_neg = target.numel() - n_pos
+            n_nan = int(torch.isnan(preds).sum())
         else:
             n_pos, n_neg = int(self.pos_hist.sum()), int(self.neg_hist.sum())
+            n_nan = int(self.nan_count)
+        if n_nan:
+            rank_zero_warn(f"{self.name}: {n_nan} score(s) are NaN (the model diverged?); returning NaN.")
+            return torch.tensor(float("nan"), device=self.device)
         if n_pos == 0 or n_neg == 0:
             rank_zero_warn(
                 f"{self.name}: AUC is undefined with {n_pos} positive and {n_neg} negative labels; returning NaN."

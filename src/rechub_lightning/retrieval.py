@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["topk_search", "ExactIndex", "FaissIndex", "build_index", "ExcludeLike"]
+__all__ = ["topk_search", "ExactIndex", "FaissIndex", "build_index", "ExcludeLike", "Annoy", "Faiss"]
 
 #: Items to exclude per user: CSR ``(indptr (U + 1,), indices)`` tensors, or one sequence
 #: of item row indices per user.
@@ -388,3 +388,119 @@ def build_index(kind: Literal["exact", "faiss"] = "exact", **kwargs: Any) -> Exa
     if kind == "faiss":
         return FaissIndex(**kwargs)
     raise ValueError(f"kind must be 'exact' or 'faiss', got {kind!r}")
+
+
+# --------------------------------------------------------------------------- Torch-RecHub's engines
+class _ReferenceEngine:
+    """Torch-RecHub's vector-engine API (``fit(X)``, ``query(v, n)``) computed exactly.
+
+    ``metric`` is a distance (smaller is closer: ``"angular"``, ``"euclidean"``, ``"l2"``) or a
+    similarity (larger is closer: ``"dot"``, ``"ip"``). Search is :func:`topk_search` over
+    augmented vectors, so ties break by the lower item row and no package is needed.
+    """
+
+    _METRICS: tuple[str, ...] = ()
+
+    def __init__(self, metric: str) -> None:
+        metric = str(metric).lower()
+        if metric not in self._METRICS:
+            raise ValueError(f"metric must be one of {self._METRICS}, got {metric!r}")
+        self._metric = metric
+        self._items: Tensor | None = None
+
+    def fit(self, X: Any) -> None:
+        """Index the rows of ``X`` ``(n_items, dim)``; a query returns row positions."""
+        items = torch.as_tensor(np.asarray(X, dtype=np.float32))
+        if items.dim() != 2 or items.shape[0] == 0:
+            raise ValueError(f"X must be a non-empty (n_items, dim) array, got shape {tuple(items.shape)}")
+        self._items = items
+
+    def _search(self, v: Any, n: int) -> tuple[Tensor, Tensor]:
+        if self._items is None:
+            raise RuntimeError(f"{type(self).__name__}.query called before fit")
+        q = torch.as_tensor(v.detach().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v, dtype=np.float32)).float()
+        q = q.reshape(1, -1) if q.dim() == 1 else q
+        if q.shape[1] != self._items.shape[1]:
+            raise ValueError(f"query vectors have dim {q.shape[1]}, the index {self._items.shape[1]}")
+        items, m = self._items, self._metric
+        if m == "angular":
+            qn, xn = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(items, dim=1)
+            cos, rows = topk_search(qn, xn, n)
+            return rows, (2.0 - 2.0 * cos).clamp(min=0).sqrt()
+        if m in ("euclidean", "l2"):
+            # argmax of 2 q.x - |x|^2 == argmin |q - x|^2
+            score, rows = topk_search(torch.cat([2 * q, -torch.ones(len(q), 1)], 1), torch.cat([items, items.pow(2).sum(1, keepdim=True)], 1), n)
+            squared = (q.pow(2).sum(1, keepdim=True) - score).clamp(min=0)
+            return rows, (squared.sqrt() if m == "euclidean" else squared)
+        return tuple(reversed(topk_search(q, items, n)))  # type: ignore[return-value]
+
+
+class Annoy(_ReferenceEngine):
+    """Torch-RecHub's ``Annoy`` engine (``torch_rechub.utils.match.Annoy``), exact.
+
+    Same calls and results format as there (``fit(X)``, ``set_query_arguments(search_k)``,
+    ``query(v, n) -> (indices, distances)`` as lists), but the neighbours are the exact ones,
+    which Annoy's trees approximate, and the ``annoy`` package is not needed. ``n_trees`` and
+    ``search_k`` are accepted and have no effect.
+
+    Args:
+        metric: ``"angular"`` (``sqrt(2 - 2 cos)``, Annoy's default), ``"euclidean"`` or ``"dot"``.
+
+    Example:
+        >>> engine = Annoy(n_trees=10)
+        >>> engine.fit(np.eye(3, dtype=np.float32))
+        >>> engine.query(np.array([0.1, 1.0, 0.0]), 2)[0]
+        [1, 0]
+    """
+
+    _METRICS = ("angular", "euclidean", "dot")
+
+    def __init__(self, metric: str = "angular", n_trees: int = 10, search_k: int = -1) -> None:
+        super().__init__(metric)
+        self._n_trees, self._search_k = n_trees, search_k
+
+    def set_query_arguments(self, search_k: int) -> None:
+        self._search_k = search_k
+
+    def query(self, v: Any, n: int) -> tuple[list[int], list[float]]:
+        """The ``n`` nearest rows to the vector ``v`` and their distances (``dot``: products)."""
+        rows, dist = self._search(v, n)
+        return rows[0].tolist(), dist[0].tolist()
+
+    def __str__(self) -> str:
+        return f"Annoy(n_trees={self._n_trees}, search_k={self._search_k})"
+
+
+class Faiss(_ReferenceEngine):
+    """Torch-RecHub's ``Faiss`` engine (``torch_rechub.utils.match.Faiss``), exact.
+
+    Same calls and result format (``query(v, n) -> (indices, distances)`` as 2-D lists, one row
+    per query vector); every ``index_type`` computes the exact neighbours a flat index gives,
+    without the ``faiss`` package. For a real approximate index see :class:`FaissIndex`.
+
+    Args:
+        dim: vector width.
+        index_type: ``"flat"``, ``"ivf"`` or ``"hnsw"`` (accepted; the search is exact).
+        metric: ``"l2"`` (squared distances, as faiss reports them) or ``"ip"`` (inner products).
+    """
+
+    _METRICS = ("l2", "ip")
+
+    def __init__(self, dim: int, index_type: str = "flat", nlist: int = 100, m: int = 32, metric: str = "l2") -> None:
+        super().__init__(metric)
+        if str(index_type).lower() not in ("flat", "ivf", "hnsw"):
+            raise ValueError(f"index_type must be 'flat', 'ivf' or 'hnsw', got {index_type!r}")
+        self.dim, self.index_type, self.nlist, self.m, self.metric = int(dim), str(index_type).lower(), nlist, m, self._metric
+
+    def fit(self, X: Any) -> None:
+        super().fit(X)
+        assert self._items is not None
+        if self._items.shape[1] != self.dim:
+            raise ValueError(f"X has dim {self._items.shape[1]}, the engine was built for dim={self.dim}")
+
+    def set_query_arguments(self, nprobe: int | None = None, efSearch: int | None = None) -> None:
+        """Accepted for compatibility; the search is exact."""
+
+    def query(self, v: Any, n: int) -> tuple[list[list[int]], list[list[float]]]:
+        rows, dist = self._search(v, n)
+        return rows.tolist(), dist.tolist()

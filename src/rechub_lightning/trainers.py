@@ -22,6 +22,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
 from .checkpoint import AtomicCheckpointIO
+from .data.base import validate_loader
+from .export import export_onnx as _export_onnx
+from .export import model_features
+from .features import Feature
 from .metrics import BinaryAUC
 from .models.base import returns_logits
 from .modules.base import RecModule, split_batch
@@ -33,11 +37,13 @@ __all__ = ["CTRTrainer", "MatchTrainer", "MTLTrainer", "ReferenceLoggerAdapter",
 def device_config(device: str | torch.device = "cpu", gpus: Iterable[int] | None = None) -> dict[str, Any]:
     """Lightning ``accelerator``/``devices``/``strategy`` for the reference's ``device`` and ``gpus``.
 
-    ``gpus=[0, 1]`` -> DDP over those GPUs; ``device="cuda:1"`` -> GPU 1; ``"cpu"`` -> CPU.
+    ``gpus`` with two or more ids -> DDP over those GPUs (the reference's ``DataParallel``).
+    Otherwise ``device`` decides, as in the reference (which ignores a one-id ``gpus`` list;
+    its examples pass ``gpus=[0]`` with ``device="cpu"``): ``"cuda:1"`` -> GPU 1, ``"cpu"`` -> CPU.
     """
     gpus = list(gpus or [])
-    if gpus:
-        return {"accelerator": "gpu", "devices": gpus, "strategy": "ddp" if len(gpus) > 1 else "auto"}
+    if len(gpus) > 1:
+        return {"accelerator": "gpu", "devices": gpus, "strategy": "ddp"}
     dev = torch.device(device)
     if dev.type == "cuda":
         return {"accelerator": "gpu", "devices": [dev.index or 0], "strategy": "auto"}
@@ -49,7 +55,12 @@ def device_config(device: str | torch.device = "cpu", gpus: Iterable[int] | None
 
 
 class ReferenceLoggerAdapter(Logger):
-    """Exposes Torch-RecHub-style loggers (``log_hyperparams``, ``log_metrics``, ``finish``) to Lightning."""
+    """Exposes Torch-RecHub-style loggers (``log_hyperparams``, ``log_metrics``, ``finish``) to Lightning.
+
+    They receive what the reference's trainers sent them: per-epoch metrics at ``step=epoch``
+    (``train/loss``, ``val/auc``, ``learning_rate``, ...). Lightning's per-step values
+    (``*_step``) are left out and the ``_epoch`` suffix is dropped.
+    """
 
     def __init__(self, loggers: Any) -> None:
         super().__init__()
@@ -71,8 +82,17 @@ class ReferenceLoggerAdapter(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        epoch = metrics.get("epoch")
+        out = {
+            (k[: -len("_epoch")] if k.endswith("_epoch") else k): v
+            for k, v in metrics.items()
+            if k != "epoch" and not k.endswith("_step")
+        }
+        if not out:
+            return
+        at = int(epoch) if epoch is not None else step
         for lg in self._loggers:
-            lg.log_metrics(dict(metrics), step=step)
+            lg.log_metrics(out, step=at)
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
@@ -111,13 +131,90 @@ class _FacadeBase:
         self.n_epoch = int(n_epoch)
         self.earlystop_patience = int(earlystop_patience)
         self.gpus = list(gpus or [])
-        self.device = torch.device(f"cuda:{self.gpus[0]}" if self.gpus else device)
+        self.device = torch.device(f"cuda:{self.gpus[0]}" if len(self.gpus) > 1 else device)
         self._device_cfg = device_config(device, self.gpus)
         self.model_path = model_path
         self.model_logger = model_logger
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self.trainer: L.Trainer | None = None
         self._optimizer: torch.optim.Optimizer | None = None
+
+    # ------------------------------------------------------------------ input checks
+    #: whether every feature of the model must be a column of every loader (matching loaders
+    #: hold one tower's features at a time)
+    _require_all_features = True
+
+    def _label_types(self) -> list[str] | None:
+        """Task type per label column, to check labels against (``None``: not checked)."""
+        return ["classification"]
+
+    @staticmethod
+    def _model_features(model: nn.Module) -> list[Feature] | None:
+        try:
+            feats = [f for f in model_features(model) if isinstance(f, Feature)]
+        except ValueError:  # a foreign model (e.g. Torch-RecHub's): its own layers check ids
+            feats = []
+        return feats or None
+
+    def _check_loader(
+        self, loader: Any, where: str, labels: bool = True, binary: bool = False, model: nn.Module | None = None
+    ) -> None:
+        """Validate a loader's whole data against the model before anything runs on it.
+
+        Ids outside a feature's vocabulary, missing columns, NaN/inf dense values and labels
+        that do not fit the task raise an error naming the feature/label and the value (the
+        fused embedding tables would otherwise read another feature's rows for an id past its
+        block). Loaders whose dataset exposes no columns are not checked up front.
+        """
+        if loader is None:
+            return
+        validate_loader(
+            loader,
+            self._model_features(self.model if model is None else model),
+            where,
+            task_types=self._label_types() if labels else None,
+            binary=binary,
+            require_all=self._require_all_features,
+        )
+
+    def export_onnx(
+        self,
+        output_path: str,
+        dummy_input: dict[str, torch.Tensor] | None = None,
+        batch_size: int = 2,
+        seq_length: int | None = None,
+        opset_version: int = 17,
+        dynamic_batch: bool = True,
+        device: str | None = None,
+        verbose: bool = False,
+        onnx_export_kwargs: dict[str, Any] | None = None,
+        mode: str | None = None,
+    ) -> bool:
+        """Export the trained model to ONNX (reference API; see :func:`rechub_lightning.export.export_onnx`).
+
+        ``mode="user"``/``"item"`` exports one tower of a matching model; ``seq_length`` is the
+        history length of the generated example input (default: the model's maximum). The graph's batch
+        dimension is always dynamic, the export runs on the CPU and the outputs are
+        probabilities for our logit models (scores as the model returns them otherwise).
+        ``batch_size``, ``dynamic_batch``, ``device``, ``verbose`` and ``onnx_export_kwargs`` are
+        accepted for compatibility and have no effect. Returns ``True`` once the file is written.
+        """
+        model = self.model.module if isinstance(self.model, nn.DataParallel) else self.model
+        device_before = next((p.device for p in model.parameters()), torch.device("cpu"))
+        model.to("cpu")
+        try:
+            _export_onnx(
+                model,
+                output_path,
+                tower=mode,
+                dummy_input=None if dummy_input is None else {k: torch.as_tensor(v).cpu() for k, v in dummy_input.items()},
+                seq_length=seq_length,
+                opset_version=opset_version,
+            )
+        finally:
+            model.to(device_before)
+        rank_zero_info(f"ONNX model written to {output_path}")
+        return True
 
     # ------------------------------------------------------------------ lightning run
     def trainer_config(self, monitor: str, mode: str, with_validation: bool) -> dict[str, Any]:
@@ -149,7 +246,9 @@ class _FacadeBase:
         cfg.update(self.trainer_kwargs)
         return cfg
 
-    def _run_fit(self, train_dataloader: Any, val_dataloader: Any, model_file: str) -> None:
+    def _run_fit(self, train_dataloader: Any, val_dataloader: Any, model_file: str, val_labels: bool = True) -> None:
+        self._check_loader(train_dataloader, "training")
+        self._check_loader(val_dataloader, "validation", labels=val_labels, binary=True)
         os.makedirs(self.model_path, exist_ok=True)
         module = self.module
         cfg = self.trainer_config(module.monitor, module.monitor_mode, val_dataloader is not None)
@@ -178,6 +277,7 @@ class _FacadeBase:
         return self._optimizer
 
     def _train_loop(self, data_loader: Iterable[Any], log_interval: int, loss_fn: Callable[[Any], torch.Tensor]) -> float:
+        self._check_loader(data_loader, "training")
         self.module.to(self.device)
         self.module.train()
         opt = self._optimizer_for_epochs()
@@ -288,6 +388,7 @@ class CTRTrainer(_FacadeBase):
 
     def evaluate(self, model: nn.Module, data_loader: Iterable[Any]) -> float:
         """Exact ROC AUC of ``model`` on ``data_loader``."""
+        self._check_loader(data_loader, "evaluation", binary=True, model=model)
         preds, target = self._scores(model, data_loader)
         if target is None:
             raise ValueError("evaluate needs a loader of (x, y) batches")
@@ -297,6 +398,7 @@ class CTRTrainer(_FacadeBase):
 
     def predict(self, model: nn.Module, data_loader: Iterable[Any]) -> list[float]:
         """Click probabilities, one per row, in loader order."""
+        self._check_loader(data_loader, "prediction", labels=False, model=model)
         preds, _ = self._scores(model, data_loader)
         return preds.cpu().tolist()
 

@@ -2,13 +2,15 @@
 
 from .base import TabularDataModule, as_frame, read_table
 from .ctr import CTRDataModule
-from .datasets import ShuffledBatchSampler, TensorDictDataset, UnrepeatedBatchSampler, make_dataloader
+from ..features import get_auto_embedding_dim
+from .datasets import PredictDataset, ShuffledBatchSampler, TensorDictDataset, TorchDataset, UnrepeatedBatchSampler, make_dataloader
 from .generator import DataGenerator, MatchDataGenerator
 from .match import MatchDataModule
 from .mtl import MTLDataModule
 from .preprocessing import CategoryEncoder, DenseScaler, Preprocessor
 from .streaming import ParquetSource, ParquetStreamDataset, StreamDataLoader
 from .sequence import (
+    array_replace_with_dict,
     df_to_dict,
     gen_model_input,
     generate_seq_feature,
@@ -28,6 +30,9 @@ __all__ = [
     "DataGenerator",
     "MatchDataGenerator",
     "TensorDictDataset",
+    "TorchDataset",
+    "PredictDataset",
+    "get_auto_embedding_dim",
     "ShuffledBatchSampler",
     "UnrepeatedBatchSampler",
     "make_dataloader",
@@ -46,6 +51,7 @@ __all__ = [
     "generate_seq_feature_match",
     "gen_model_input",
     "df_to_dict",
+    "array_replace_with_dict",
     "neg_sample",
     "negative_sample",
     "read_table",

@@ -19,10 +19,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..features import FeatureSchema, SequenceFeature, SparseFeature
-from .datasets import TensorDictDataset, make_dataloader
+from .datasets import TensorDictDataset, make_dataloader, to_tensor
 from .preprocessing import Preprocessor
 
-__all__ = ["TabularDataModule", "read_table", "as_frame", "load_preprocessing_state", "validate_batch_tensors", "encode_labels"]
+__all__ = ["TabularDataModule", "read_table", "as_frame", "load_preprocessing_state", "validate_batch_tensors", "validate_loader", "validate_labels", "loader_columns", "encode_labels"]
 
 
 def read_table(path: str, **kwargs: Any) -> pd.DataFrame:
@@ -87,6 +87,86 @@ def validate_batch_tensors(x: Mapping[str, torch.Tensor], schema: FeatureSchema,
             if not torch.isfinite(t).all():
                 n = int((~torch.isfinite(t)).sum())
                 raise ValueError(f"dense feature {f.name!r} in {where} data has {n} NaN/inf value(s)")
+
+
+def loader_columns(loader: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor | None] | None:
+    """The whole columns behind ``loader``, when its dataset exposes them.
+
+    Our :class:`TensorDictDataset` and any dataset holding a dict of arrays as ``x`` (and
+    labels as ``y``), such as Torch-RecHub's ``TorchDataset``/``PredictDataset``. ``None``
+    for anything else (an iterable, a streaming or per-row dataset of another shape).
+    """
+    ds = getattr(loader, "dataset", None)
+    if isinstance(ds, TensorDictDataset):
+        return ds.x, ds.y
+    x = getattr(ds, "x", None)
+    if not isinstance(x, Mapping):
+        return None
+    y = getattr(ds, "y", None)
+    cols = {k: to_tensor(v, k) for k, v in x.items()}
+    return cols, (None if y is None else to_tensor(y, "label").float())
+
+
+def validate_labels(y: torch.Tensor, task_types: Sequence[str], where: str, binary: bool) -> None:
+    """Raise a clear error for labels that do not fit ``task_types``.
+
+    Checks the number of label columns, NaN/inf values and, for classification tasks,
+    values outside ``{0, 1}`` (``binary``, what AUC needs) or ``[0, 1]`` (what BCE accepts).
+    """
+    cols = y.reshape(len(y), -1) if y.dim() != 1 else y.reshape(-1, 1)
+    if cols.shape[1] != len(task_types):
+        raise ValueError(
+            f"{where} labels have {cols.shape[1]} column(s) (shape {tuple(y.shape)}) but the model has "
+            f"{len(task_types)} task(s) {list(task_types)}"
+        )
+    for i, task in enumerate(task_types):
+        col = cols[:, i]
+        what = f"label column {i}" if len(task_types) > 1 else "label"
+        bad = ~torch.isfinite(col)
+        if bool(bad.any()):
+            raise ValueError(f"{what} in {where} data has {int(bad.sum())} NaN/inf value(s) (first at row {int(bad.nonzero()[0])})")
+        if task == "classification":
+            wrong = (col != 0) & (col != 1) if binary else (col < 0) | (col > 1)
+            if bool(wrong.any()):
+                allowed = "0 or 1" if binary else "in [0, 1]"
+                raise ValueError(
+                    f"classification {what} in {where} data must be {allowed}, found {float(col[wrong][0])} "
+                    f"(row {int(wrong.nonzero()[0])})"
+                )
+
+
+def validate_loader(
+    loader: Any,
+    features: Sequence[Any] | None,
+    where: str,
+    task_types: Sequence[str] | None = None,
+    binary: bool = False,
+    require_all: bool = True,
+) -> bool:
+    """Check a loader's whole data against the model's features (and labels) before it runs.
+
+    Args:
+        loader: a DataLoader; only datasets whose columns :func:`loader_columns` can read
+            are checked (others fail on their first bad batch instead).
+        features: the model's features (``None``: nothing to check them against).
+        where: the split's name in error messages.
+        task_types: label check per task (``None``: labels are not checked).
+        binary: classification labels must be exactly 0/1 (evaluation) rather than in [0, 1].
+        require_all: every feature must be a column (``False``: check the ones present).
+
+    Returns:
+        Whether the data could be checked.
+    """
+    cols = loader_columns(loader)
+    if cols is None:
+        return False
+    x, y = cols
+    if features is not None:
+        feats = [f for f in features if require_all or f.name in x]
+        validate_batch_tensors(x, FeatureSchema(feats), where)
+    if task_types is not None and y is not None:
+        validate_labels(y, task_types, where, binary)
+    return True
 
 
 def encode_labels(frame: pd.DataFrame, labels: Sequence[str], task_types: Sequence[str], split: str) -> np.ndarray:

@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 __all__ = [
     "TensorDictDataset",
+    "TorchDataset",
+    "PredictDataset",
     "ShuffledBatchSampler",
     "UnrepeatedBatchSampler",
     "make_dataloader",
@@ -92,6 +94,24 @@ class TensorDictDataset(Dataset):
         out.y = None if self.y is None else self.y.index_select(0, idx)
         out._len = len(idx)
         return out
+
+
+class TorchDataset(TensorDictDataset):
+    """Torch-RecHub's ``TorchDataset(x, y)``: feature dict + labels, as column tensors.
+
+    A plain ``DataLoader(TorchDataset(x, y), batch_size=...)`` works as in the reference;
+    :func:`make_dataloader` over it takes the batched path.
+    """
+
+    def __init__(self, x: Mapping[str, Any], y: Any) -> None:
+        super().__init__(x, y)
+
+
+class PredictDataset(TensorDictDataset):
+    """Torch-RecHub's ``PredictDataset(x)``: features only, batches are ``x`` dicts."""
+
+    def __init__(self, x: Mapping[str, Any]) -> None:
+        super().__init__(x, None)
 
 
 def _world(num_replicas: int | None, rank: int | None) -> tuple[int, int]:

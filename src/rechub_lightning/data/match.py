@@ -235,6 +235,9 @@ class MatchDataModule(L.LightningDataModule):
             raise KeyError(f"column(s) {missing} not found in the interactions; columns are {list(frame.columns)}")
         if frame[time_col].isna().any():
             raise ValueError(f"time column {time_col!r} has {int(frame[time_col].isna().sum())} missing value(s)")
+        if frame[item_col].isna().any():
+            # A missing item would become a pseudo-item of the corpus, trained on and recommended.
+            raise ValueError(f"item column {item_col!r} has {int(frame[item_col].isna().sum())} missing value(s)")
         self._frame = self._split(frame[list(dict.fromkeys(needed))])
 
         restored = load_preprocessing_state(preprocessing_from) if preprocessing_from else None

@@ -273,6 +273,30 @@ def _as_numeric_column(df: pd.DataFrame, col: str) -> np.ndarray:
     return v
 
 
+def _as_id_column(df: pd.DataFrame, col: str) -> np.ndarray:
+    """An already-encoded sparse column (``preprocess=False``) as int64 ids.
+
+    Missing or fractional values raise: casting would turn NaN into a huge negative id and
+    truncate 2.5 to 2, silently.
+    """
+    try:
+        v = _as_numeric_column(df, col)
+    except TypeError as e:
+        raise TypeError(str(e).replace("dense feature", "sparse feature", 1) + " (preprocess=False expects integer ids)") from None
+    if np.isnan(v).any():
+        raise ValueError(
+            f"sparse feature {col!r} has {int(np.isnan(v).sum())} missing value(s) and preprocessing is off "
+            f"(preprocess=False); fill them with an id (e.g. 0) or turn preprocessing on"
+        )
+    frac = v != np.floor(v)
+    if frac.any():
+        raise ValueError(
+            f"sparse feature {col!r} has non-integer id {v[frac][0]!r} ({int(frac.sum())} row(s)) and preprocessing "
+            f"is off (preprocess=False)"
+        )
+    return v.astype(np.int64)
+
+
 def _split_sequence(values: pd.Series, sep: str, pad: Any = None) -> list[list[Any]]:
     out = []
     for v in values.tolist():
@@ -456,7 +480,7 @@ class Preprocessor:
             if self.encode:
                 out[col] = self.encoders[col].transform(df[col])
             else:
-                out[col] = _as_numeric_column(df, col).astype(np.int64)
+                out[col] = _as_id_column(df, col)
         for col, shared in self.sequence.items():
             seqs = self._seqs(df[col])
             arr = np.zeros((len(seqs), self.max_len), dtype=np.int64)

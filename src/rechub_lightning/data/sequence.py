@@ -16,9 +16,10 @@ for the reference runs unchanged, and they add an optional ``seed``:
 
 Deliberate differences from the reference (each one fixes a defect of it):
 
-1. **The caller's frame is never modified.** The reference label-encodes every
-   column of ``data`` in place (``generate_seq_feature``) or sorts it in place
-   (``generate_seq_feature_match``).
+1. **The caller's frame is not sorted.** The reference sorts ``data`` in place in
+   ``generate_seq_feature_match``; here it is left alone. ``generate_seq_feature``
+   label-encodes its columns in place as the reference does (its examples read the
+   vocabulary sizes from the encoded frame); ``inplace=False`` turns that off.
 2. **Stable time sort.** The reference sorts by time with pandas' default
    quicksort, which is not stable: events of one user with equal timestamps land in
    an order that depends on the sort implementation (numpy's SIMD sorts differ by
@@ -66,6 +67,7 @@ __all__ = [
     "pad_sequences",
     "generate_seq_feature",
     "df_to_dict",
+    "array_replace_with_dict",
     "neg_sample",
     "negative_sample",
     "generate_seq_feature_match",
@@ -417,6 +419,7 @@ def generate_seq_feature(
     shuffle: bool = True,
     max_len: int = 50,
     seed: int | random.Random | None = None,
+    inplace: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Sliding-window ranking samples with one sampled negative per positive.
 
@@ -428,7 +431,9 @@ def generate_seq_feature(
     the one before to validation, the others to train.
 
     Args:
-        data: raw interactions; not modified.
+        data: raw interactions. With ``inplace`` (default, the reference's behaviour) every
+            column of it is replaced by its 1-based codes, which Torch-RecHub's examples read
+            the vocabulary sizes from (``data["user_id"].max() + 1``).
         user_col: user id column.
         item_col: item id column.
         time_col: timestamp column (any sortable type).
@@ -439,6 +444,8 @@ def generate_seq_feature(
         max_len: history length; longer histories keep the most recent items.
         seed: seed of a private ``random.Random`` (equal to ``random.seed(seed)``
             before the reference call); ``None`` consumes the global :mod:`random`.
+        inplace: label-encode ``data``'s columns in place as the reference does;
+            ``False`` leaves the caller's frame untouched.
 
     Returns:
         ``(train, val, test)`` frames with columns ``label, target_item_id, <user_col>,
@@ -538,6 +545,9 @@ def generate_seq_feature(
             cols["hist_" + c] = hist(win_attrs[c])
             cols["target_" + c] = item2attr[c][target]
         frames.append(pd.DataFrame(cols, columns=col_name))
+    if inplace:  # after sampling: the codes above were computed from the raw values
+        for c in list(data.columns):
+            data[c] = _codes(data[c])
     return frames[0], frames[1], frames[2]
 
 
@@ -571,6 +581,32 @@ def df_to_dict(data: pd.DataFrame) -> dict[str, np.ndarray]:
         Mapping of every column to an array with ``len(data)`` rows.
     """
     return {key: _column_to_array(data[key]) for key in data.columns}
+
+
+def array_replace_with_dict(array: Any, dic: dict[Any, Any]) -> np.ndarray:
+    """Every value of ``array`` replaced by ``dic[value]`` (any shape), vectorised.
+
+    Torch-RecHub's helper of the same name maps a value missing from ``dic`` silently to
+    another key's value; here it raises.
+
+    Raises:
+        KeyError: naming a value of ``array`` that ``dic`` has no entry for.
+    """
+    arr = np.asarray(array)
+    if not dic:
+        if arr.size:
+            raise KeyError(f"value {arr.flat[0]!r} has no entry in the (empty) mapping")
+        return arr.copy()
+    keys = np.asarray(list(dic.keys()))
+    values = np.asarray(list(dic.values()))
+    order = keys.argsort(kind="stable")
+    keys, values = keys[order], values[order]
+    at = np.searchsorted(keys, arr).clip(max=len(keys) - 1)
+    found = keys[at] == arr
+    if not np.all(found):
+        bad = arr[~found].flat[0]
+        raise KeyError(f"value {bad.item() if hasattr(bad, 'item') else bad!r} has no entry in the mapping")
+    return values[at]
 
 
 # --------------------------------------------------------------------------- matching

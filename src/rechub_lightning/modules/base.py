@@ -114,8 +114,10 @@ class RecModule(L.LightningModule):
             weight decay), so a step's cost does not grow with the vocabulary. ``None`` (default)
             chooses: sparse on CPU (one process, or DDP over gloo); dense (the reference's
             semantics: ``optimizer_fn`` with weight decay on every row) on GPUs, where dense
-            Adam is fast and NCCL has no sparse all-reduce, under FSDP, and when an embedding
-            L1/L2 penalty is set (it touches every row).
+            Adam is fast and NCCL has no sparse all-reduce, under FSDP, when an embedding
+            L1/L2 penalty is set (it touches every row), and for models without our
+            ``EmbeddingLayer`` (torch-rechub model objects: ``True`` makes all their
+            ``nn.Embedding`` tables sparse, which fails for models that read ``.weight``).
         embedding_optimizer: ``"sparse_adam"`` (default), ``"adagrad"`` or ``"sgd"``; used only
             with ``sparse_embeddings``.
         embedding_optimizer_params: its keyword arguments (default: ``lr`` of ``optimizer_params``).
@@ -201,7 +203,12 @@ class RecModule(L.LightningModule):
     def _resolve_sparse(self) -> None:
         if self._sparse_request is not None:
             return
-        sparse = not self._emb_reg
+        from ..layers.embedding import EmbeddingLayer
+
+        # A model without our EmbeddingLayer (e.g. a torch-rechub model object) cannot tell its
+        # vocabulary tables from embeddings it reads as ``.weight`` (NARM, STAMP, SINE, positions),
+        # which SparseAdam cannot update: it keeps the reference's dense semantics unless asked.
+        sparse = not self._emb_reg and any(isinstance(m, EmbeddingLayer) for m in self.model.modules())
         trainer = self._trainer
         device = trainer.strategy.root_device if trainer is not None else next(self.parameters()).device
         if device.type != "cpu":

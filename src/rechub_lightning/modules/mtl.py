@@ -16,12 +16,14 @@ Which parameters are shared and which belong to one task comes from the model
 (``shared_parameters()``, ``task_parameters()``, ``last_shared_layer()``); how the
 model is trained and scored comes from its attributes (``task_types``,
 ``trained_tasks``, ``conditional_tasks``, ``auxiliary_loss``), read through any
-wrapper (``DataParallel``, ``torch.compile``), never from ``isinstance``.
+wrapper (``DataParallel``, ``torch.compile``), never from ``isinstance`` (the one
+exception: Torch-RecHub's own ``ESMM`` objects, which carry no such attributes).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,6 +64,24 @@ def _unique_trainable(params: Sequence[nn.Parameter]) -> list[nn.Parameter]:
             seen.add(id(p))
             out.append(p)
     return out
+
+
+def _task_roles(inner: nn.Module) -> tuple[Sequence[int] | None, dict[int, int]]:
+    """``(trained_tasks, conditional_tasks)`` of a model, from its attributes.
+
+    Torch-RecHub's ``ESMM`` declares neither: its trainer recognises the class and trains the
+    CTR and CTCVR losses only. Its objects get our ESMM's roles (same output order: CVR, CTR,
+    CTCVR), looked up without importing torch-rechub.
+    """
+    trained = getattr(inner, "trained_tasks", None)
+    conditional = getattr(inner, "conditional_tasks", None)
+    if trained is None and conditional is None:
+        reference = getattr(sys.modules.get("torch_rechub.models.multi_task"), "ESMM", None)
+        if isinstance(reference, type) and isinstance(inner, reference):
+            from ..models.multi_task import ESMM
+
+            trained, conditional = ESMM.trained_tasks, ESMM.conditional_tasks
+    return trained, dict(conditional or {})
 
 
 class MTLModule(RecModule):
@@ -165,9 +185,8 @@ class MTLModule(RecModule):
             )
         self.n_task = len(self.task_types)
 
-        trained = getattr(inner, "trained_tasks", None)
+        trained, conditional = _task_roles(inner)
         self.trained_tasks = tuple(range(self.n_task)) if trained is None else tuple(int(i) for i in trained)
-        conditional = getattr(inner, "conditional_tasks", None) or {}
         self.conditional_tasks = {int(k): int(v) for k, v in dict(conditional).items()}
         for i in (*self.trained_tasks, *self.conditional_tasks, *self.conditional_tasks.values()):
             if not 0 <= i < self.n_task:

@@ -1,0 +1,220 @@
+"""A Torch-RecHub script moves over by changing its imports: the pieces its examples use.
+
+Each test runs what the reference's example scripts call and compares with the reference
+(torch-rechub 0.9.0, skipped when absent) or with the formula it implements.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import quiet_trainer_kwargs
+from rechub_lightning import CTRTrainer, DenseFeature, MatchTrainer, MTLTrainer, SparseFeature
+from rechub_lightning.data import DataGenerator, MatchDataGenerator, PredictDataset, TorchDataset, array_replace_with_dict
+from rechub_lightning.metrics import BinaryAUC, auc_score, gauc_score, topk_metrics
+from rechub_lightning.models.matching import DSSM
+from rechub_lightning.models.multi_task import MMOE
+from rechub_lightning.models.ranking import DeepFM
+
+FEATS = [SparseFeature("a", 10, embed_dim=4), SparseFeature("b", 12, embed_dim=4)]
+
+
+def ctr_columns(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    x = {"a": rng.integers(0, 10, n), "b": rng.integers(0, 12, n), "d": rng.random(n).astype("float32")}
+    y = ((x["a"] > 4) ^ (rng.random(n) < 0.2)).astype("float32")
+    return x, y
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_topk_metrics_takes_the_reference_call():
+    """topk_metrics(y_true, y_pred, topKs) with {user: items} dicts: the reference's numbers
+    (except Hit, documented: any hit here, hits / relevant there)."""
+    gt = {10: [1, 2], 20: [3], 30: [9]}
+    pred = {30: np.array([4, 5, 6]), 10: np.array([1, 5, 6]), 20: np.array([7, 8, 3])}
+    ours = topk_metrics(gt, pred, [3])
+    assert ours == topk_metrics(y_true=gt, y_pred=pred, topKs=[3])
+    # by hand: recall (1/2 + 1 + 0) / 3; mrr (1 + 1/3 + 0) / 3; hitrate 2 of 3 users
+    assert ours["recall@3"] == pytest.approx(0.5)
+    assert ours["mrr@3"] == pytest.approx(4 / 9)
+    assert ours["hitrate@3"] == pytest.approx(2 / 3)
+    # the tensor form, users in y_true's order
+    tensor_form = topk_metrics([[1, 5, 6], [7, 8, 3], [4, 5, 6]], [[1, 2], [3], [9]], ks=[3])
+    assert ours == tensor_form
+    ref = pytest.importorskip("torch_rechub.basic.metric")
+    expected = ref.topk_metrics(gt, pred, [3])
+    for ours_key, ref_key in (("recall@3", "Recall"), ("ndcg@3", "NDCG"), ("mrr@3", "MRR"), ("precision@3", "Precision")):
+        assert ours[ours_key] == pytest.approx(float(expected[ref_key][0].split(": ")[1]), abs=1e-4)
+    with pytest.raises(KeyError, match="user 10"):
+        topk_metrics(gt, {20: [1], 30: [2]}, [1])
+
+
+def test_auc_of_nan_scores_is_nan_not_a_number_from_the_order():
+    target = torch.tensor([0, 1, 0, 1, 1, 0])
+    nan = torch.full((6,), float("nan"))
+    assert torch.isnan(auc_score(nan, target))
+    assert torch.isnan(gauc_score(nan, target, torch.tensor([0, 0, 0, 1, 1, 1])))
+    for metric in (BinaryAUC(), BinaryAUC(thresholds=10)):
+        metric.update(torch.tensor([0.1, 0.9, 0.2]), torch.tensor([0, 1, 0]))
+        metric.update(torch.tensor([float("nan"), 0.3]), torch.tensor([1, 0]))
+        with pytest.warns(UserWarning, match="NaN"):
+            assert torch.isnan(metric.compute())
+
+
+# ----------------------------------------------------------------------------- data helpers
+def test_reference_datasets_and_helpers():
+    x, y = ctr_columns(7)
+    row_loader = DataLoader(TorchDataset(x, y), batch_size=4)
+    xb, yb = next(iter(row_loader))
+    torch.testing.assert_close(xb["a"], torch.as_tensor(x["a"][:4]))
+    torch.testing.assert_close(yb, torch.as_tensor(y[:4]))
+    only_x = next(iter(DataLoader(PredictDataset(x), batch_size=5)))
+    assert set(only_x) == {"a", "b", "d"} and only_x["b"].shape == (5,)
+
+    values = np.array([[3, 1], [2, 3]])
+    mapping = {1: 10, 2: 20, 3: 30}
+    np.testing.assert_array_equal(array_replace_with_dict(values, mapping), [[30, 10], [20, 30]])
+    with pytest.raises(KeyError, match="4"):  # the reference maps a missing key to another key's value
+        array_replace_with_dict(np.array([4]), mapping)
+    ref = pytest.importorskip("torch_rechub.utils.data")
+    np.testing.assert_array_equal(array_replace_with_dict(values, mapping), ref.array_replace_with_dict(values, mapping))
+
+
+# ----------------------------------------------------------------------------- trainers
+def test_trainers_export_onnx_like_the_reference(tmp_path):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    x, y = ctr_columns()
+    model = DeepFM(FEATS + [DenseFeature("d")], FEATS, {"dims": [8]})
+    trainer = CTRTrainer(model, n_epoch=1, model_path=str(tmp_path), trainer_kwargs=quiet_trainer_kwargs())
+    assert trainer.export_onnx(str(tmp_path / "deepfm.onnx")) is True
+    sess = ort.InferenceSession(str(tmp_path / "deepfm.onnx"))
+    feed = {"a": x["a"][:5].astype(np.int64), "b": x["b"][:5].astype(np.int64), "d": x["d"][:5]}
+    got = sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})[0].reshape(-1)
+    expected = trainer.predict(model, DataLoader(PredictDataset({k: v[:5] for k, v in x.items()}), batch_size=5))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+    mtl = MMOE(FEATS, ["classification", "classification"], 2, {"dims": [8]}, [{"dims": [4]}] * 2)
+    assert MTLTrainer(mtl, ["classification"] * 2, model_path=str(tmp_path)).export_onnx(str(tmp_path / "mmoe.onnx"))
+
+    user, item = SparseFeature("user_id", 5, embed_dim=8), SparseFeature("item_id", 7, embed_dim=8)
+    dssm = DSSM([user], [item], {"dims": [8]}, {"dims": [8]})
+    match = MatchTrainer(dssm, mode=0, model_path=str(tmp_path))
+    assert match.export_onnx(str(tmp_path / "user.onnx"), mode="user")
+    sess = ort.InferenceSession(str(tmp_path / "user.onnx"))
+    assert [i.name for i in sess.get_inputs()] == ["user_id"]
+    dssm.eval()
+    dssm.mode = "user"
+    expected = dssm({"user_id": torch.arange(5)}).detach().numpy()
+    dssm.mode = None
+    np.testing.assert_allclose(sess.run(None, {"user_id": np.arange(5)})[0], expected, atol=1e-5)
+
+
+def test_reference_esmm_object_trains_ctr_and_ctcvr_only(tmp_path):
+    """The reference's trainer recognises its ESMM by class; so does ours (it has no task attributes)."""
+    mt = pytest.importorskip("torch_rechub.models.multi_task")
+    feats = pytest.importorskip("torch_rechub.basic.features")
+    user = [feats.SparseFeature("u", 6, embed_dim=4)]
+    item = [feats.SparseFeature("i", 6, embed_dim=4)]
+    model = mt.ESMM(user, item, {"dims": [8]}, {"dims": [8]})
+    trainer = MTLTrainer(model, ["classification"] * 3, model_path=str(tmp_path))
+    assert trainer.module.trained_tasks == (1, 2)
+    assert trainer.module.conditional_tasks == {0: 1}  # CVR scored on clicked rows
+
+
+def test_reference_session_models_train_with_dense_embeddings_by_default(tmp_path):
+    """Torch-RecHub's NARM reads its item table's .weight directly: SparseAdam could not
+    update it, so foreign models keep dense gradients unless sparse ones are asked for."""
+    matching = pytest.importorskip("torch_rechub.models.matching")
+    feats = pytest.importorskip("torch_rechub.basic.features")
+    seq = feats.SequenceFeature("hist", vocab_size=20, embed_dim=8, pooling="concat")
+    model = matching.NARM(seq, 8, 0.25, 0.5)
+    rng = np.random.default_rng(0)
+    x = {"hist": rng.integers(1, 20, (64, 5)), "target": rng.integers(1, 20, 64)}
+    loader, _, _ = MatchDataGenerator(x, np.zeros(64, dtype="float32")).generate_dataloader(
+        {"hist": x["hist"][:4]}, {"target": np.arange(20)}, batch_size=16)
+    trainer = MatchTrainer(model, mode=2, n_epoch=1, model_path=str(tmp_path), trainer_kwargs=quiet_trainer_kwargs())
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.fit(loader)
+    assert not trainer.module.sparse_embeddings
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()) if p.requires_grad)
+
+
+def test_one_gpu_id_with_a_cpu_device_trains_on_the_cpu(tmp_path):
+    """The reference's examples pass gpus=[0] with device="cpu"; the reference ignores the list."""
+    x, y = ctr_columns()
+    train, val, _ = DataGenerator(x, y, seed=0).generate_dataloader(split_ratio=[0.8, 0.1], batch_size=64)
+    model = DeepFM(FEATS + [DenseFeature("d")], FEATS, {"dims": [8]})
+    trainer = CTRTrainer(model, n_epoch=1, device="cpu", gpus=[0], model_path=str(tmp_path), trainer_kwargs=quiet_trainer_kwargs())
+    trainer.fit(train, val)
+    assert trainer.trainer.strategy.root_device.type == "cpu"
+
+
+def test_model_logger_gets_per_epoch_metrics_at_the_epoch(tmp_path):
+    """The reference's trainers call log_metrics({"train/loss": ...}, step=epoch) once per epoch."""
+
+    class Recorder:
+        def __init__(self):
+            self.calls, self.hparams, self.finished = [], None, False
+
+        def log_hyperparams(self, params):
+            self.hparams = params
+
+        def log_metrics(self, metrics, step):
+            self.calls.append((step, dict(metrics)))
+
+        def finish(self):
+            self.finished = True
+
+    x, y = ctr_columns(600)
+    train, val, _ = DataGenerator(x, y, seed=0).generate_dataloader(split_ratio=[0.8, 0.1], batch_size=32)
+    rec = Recorder()
+    model = DeepFM(FEATS + [DenseFeature("d")], FEATS, {"dims": [8]})
+    CTRTrainer(model, n_epoch=2, model_path=str(tmp_path), model_logger=rec,
+               trainer_kwargs={k: v for k, v in quiet_trainer_kwargs().items() if k != "logger"}).fit(train, val)
+    steps = sorted({step for step, _ in rec.calls})
+    assert steps == [0, 1]
+    for epoch in steps:
+        keys = set().union(*(m for s, m in rec.calls if s == epoch))
+        assert {"train/loss", "val/auc", "learning_rate"} <= keys
+        assert not any(k.endswith(("_step", "_epoch")) for k in keys)
+    assert rec.hparams is not None and rec.finished
+
+
+def test_reference_vector_engines_return_the_exact_neighbours():
+    """movielens_utils.match_evaluation's Annoy(n_trees=10).fit(items).query(user, k) and the
+    Faiss engine: same call and result format, exact neighbours (brute force in numpy)."""
+    from rechub_lightning.retrieval import Annoy, Faiss
+
+    rng = np.random.default_rng(0)
+    items = rng.normal(size=(60, 8)).astype("float32")
+    users = rng.normal(size=(3, 8)).astype("float32")
+    cos = (items @ users.T) / np.linalg.norm(items, axis=1)[:, None] / np.linalg.norm(users, axis=1)
+    sq = ((items[:, None, :] - users[None]) ** 2).sum(-1)
+    annoy = Annoy(n_trees=10)
+    annoy.fit(items)
+    annoy.set_query_arguments(search_k=100)
+    for u in range(3):
+        rows, dist = annoy.query(users[u], 7)
+        assert rows == np.argsort(-cos[:, u], kind="stable")[:7].tolist()
+        np.testing.assert_allclose(dist, np.sqrt(2 - 2 * cos[rows, u]), atol=1e-5)
+    euclid = Annoy(metric="euclidean")
+    euclid.fit(items)
+    rows, dist = euclid.query(users[0], 4)
+    assert rows == np.argsort(sq[:, 0], kind="stable")[:4].tolist()
+    np.testing.assert_allclose(dist, np.sqrt(sq[rows, 0]), rtol=1e-4)
+    flat = Faiss(dim=8, index_type="flat", metric="l2")
+    flat.fit(items)
+    rows, dist = flat.query(torch.as_tensor(users), 5)  # tensors too, one row per query
+    assert rows == [np.argsort(sq[:, u], kind="stable")[:5].tolist() for u in range(3)]
+    np.testing.assert_allclose(dist, [sq[r, u] for u, r in enumerate(rows)], rtol=1e-4)
+    ip = Faiss(dim=8, metric="ip")
+    ip.fit(items)
+    assert ip.query(users[1], 3)[0] == [np.argsort(-(items @ users[1]), kind="stable")[:3].tolist()]
+    with pytest.raises(ValueError, match="metric"):
+        Annoy(metric="hamming")
+    with pytest.raises(ValueError, match="dim"):
+        flat.query(users[:, :4], 2)
