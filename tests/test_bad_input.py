@@ -180,6 +180,8 @@ CASES += [
     ("CTRTrainer: label 2", lambda: ctr_fit(columns(), with_value(labels(), 3, 2.0)), ValueError, "found 2.0"),
     ("CTRTrainer: soft validation label", lambda: ctr_fit(columns(), labels(), val=(columns(), with_value(labels(), 0, 0.5))),
      ValueError, "validation data must be 0 or 1"),
+    ("CTRTrainer: fractional float ids (the reference truncates them)", lambda: ctr_fit(
+        columns(a=np.linspace(0, 9, 200)), labels()), ValueError, "'a' in training data must hold integer ids"),
     ("CTRTrainer: NaN dense value", lambda: ctr_fit(columns(d=with_value(np.ones(200), 4, np.nan)), labels()), ValueError, "'d'"),
     ("CTRTrainer: missing column", lambda: ctr_fit({k: v for k, v in columns().items() if k != "b"}, labels()), KeyError, "'b'"),
     ("CTRTrainer.evaluate, reference-style TorchDataset", lambda: reference_style_evaluate(columns(a=with_value(np.arange(200) % 10, 0, 10)), labels()),

@@ -103,7 +103,7 @@ def test_trainers_export_onnx_like_the_reference(tmp_path):
     user, item = SparseFeature("user_id", 5, embed_dim=8), SparseFeature("item_id", 7, embed_dim=8)
     dssm = DSSM([user], [item], {"dims": [8]}, {"dims": [8]})
     match = MatchTrainer(dssm, mode=0, model_path=str(tmp_path))
-    assert match.export_onnx(str(tmp_path / "user.onnx"), mode="user")
+    assert match.export_onnx(str(tmp_path / "user.onnx"), "user")  # the reference's order: mode second
     sess = ort.InferenceSession(str(tmp_path / "user.onnx"))
     assert [i.name for i in sess.get_inputs()] == ["user_id"]
     dssm.eval()
@@ -218,3 +218,55 @@ def test_reference_vector_engines_return_the_exact_neighbours():
         Annoy(metric="hamming")
     with pytest.raises(ValueError, match="dim"):
         flat.query(users[:, :4], 2)
+
+
+def test_whole_float_ids_train_like_integers_and_stay_exact(tmp_path):
+    """pandas turns an id column float64 after fillna; the reference casts with .long(). Whole
+    float ids are ids here too, exact beyond float32's 2**24."""
+    from rechub_lightning.data import TensorDictDataset
+
+    big = np.array([2.0**31 + 1, 3.0, 0.0])
+    ds = TensorDictDataset({"id": big, "d": np.array([0.5, 1.0, 2.0]), "count": np.array([1.0, 0.0, 7.0])})
+    assert ds.x["id"].dtype == torch.int64 and ds.x["id"][0].item() == 2**31 + 1
+    assert ds.x["d"].dtype == torch.float32  # fractional: a dense column
+    x, y = ctr_columns()
+    as_float = {k: (v.astype("float64") if k in ("a", "b") else v) for k, v in x.items()}
+    results = []
+    for columns in (x, as_float):
+        torch.manual_seed(0)
+        train, val, _ = DataGenerator(columns, y, seed=0).generate_dataloader(split_ratio=[0.8, 0.1], batch_size=64)
+        model = DeepFM(FEATS + [DenseFeature("d")], FEATS, {"dims": [8]})
+        trainer = CTRTrainer(model, n_epoch=1, model_path=str(tmp_path), trainer_kwargs=quiet_trainer_kwargs())
+        trainer.fit(train, val)
+        results.append(trainer.evaluate(model, val))
+    assert results[0] == results[1]
+
+
+def test_a_monitored_score_that_is_never_finite_is_reported(tmp_path):
+    """Torch-RecHub's census example early-stops ESMM on task 0 (CVR), whose AUC over clicked
+    rows is undefined when they hold one class: the restored weights were not chosen by it."""
+    from rechub_lightning.models.multi_task import ESMM
+
+    rng = np.random.default_rng(0)
+    n = 400
+    x = {"a": rng.integers(0, 10, n), "b": rng.integers(0, 12, n)}
+    click = (rng.random(n) < 0.5).astype("float32")
+    buy = np.zeros(n, dtype="float32")  # no conversion at all: CVR AUC is undefined
+    y = np.stack([buy, click, click * buy], axis=1)
+    train, val, _ = DataGenerator(x, y, seed=0).generate_dataloader(split_ratio=[0.8, 0.1], batch_size=64)
+    model = ESMM([FEATS[0]], [FEATS[1]], {"dims": [8]}, {"dims": [8]})
+    trainer = MTLTrainer(model, ["classification"] * 3, n_epoch=2, model_path=str(tmp_path), trainer_kwargs=quiet_trainer_kwargs())
+    with pytest.warns(UserWarning, match="never a finite number"):
+        trainer.fit(train, val)
+
+
+def test_evaluate_returns_the_auc_in_double_precision(tmp_path):
+    """The reference returns sklearn's float64 AUC (0.45, not 0.44999998807907104)."""
+    from sklearn.metrics import roc_auc_score
+
+    x, y = ctr_columns(77, seed=3)
+    model = DeepFM(FEATS + [DenseFeature("d")], FEATS, {"dims": [8]})
+    trainer = CTRTrainer(model, model_path=str(tmp_path), trainer_kwargs=quiet_trainer_kwargs())
+    loader = DataLoader(TorchDataset(x, y), batch_size=16)
+    preds = np.asarray(trainer.predict(model, DataLoader(PredictDataset(x), batch_size=16)))
+    assert trainer.evaluate(model, loader) == pytest.approx(roc_auc_score(y, preds), abs=1e-12)

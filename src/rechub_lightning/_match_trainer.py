@@ -20,12 +20,12 @@ from torch import nn
 from .data.base import validate_loader
 from .data.match import SEEN_ITEMS_KEY
 from .export import _tower_features
-from .metrics import BinaryAUC, topk_metrics
+from .metrics import topk_metrics
 from .models.base import returns_logits
 from .modules.base import split_batch
 from .modules.match import MatchModule
 from .retrieval import topk_search
-from .trainers import _FacadeBase, _to_device
+from .trainers import _FacadeBase, _to_device, exact_auc
 
 __all__ = ["MatchTrainer"]
 
@@ -119,6 +119,26 @@ class MatchTrainer(_FacadeBase):
 
     def _label_types(self) -> list[str] | None:
         return ["classification"] if self.mode == 0 else None  # pair-/list-wise labels are placeholders
+
+    def export_onnx(  # type: ignore[override]
+        self,
+        output_path: str,
+        mode: str | None = None,
+        dummy_input: dict[str, torch.Tensor] | None = None,
+        batch_size: int = 2,
+        seq_length: int | None = None,
+        opset_version: int = 17,
+        dynamic_batch: bool = True,
+        device: str | None = None,
+        verbose: bool = False,
+        onnx_export_kwargs: dict[str, Any] | None = None,
+    ) -> bool:
+        """Export the model, or with ``mode="user"``/``"item"`` one tower, to ONNX (the
+        reference's argument order: ``mode`` second). See :meth:`CTRTrainer.export_onnx`."""
+        return super().export_onnx(
+            output_path, dummy_input, batch_size, seq_length, opset_version, dynamic_batch, device, verbose,
+            onnx_export_kwargs, mode=mode,
+        )
 
     # ------------------------------------------------------------------ training
     def fit(
@@ -230,14 +250,12 @@ class MatchTrainer(_FacadeBase):
             preds, target = self._scores(model, data_loader)
             if target is None:
                 raise ValueError("evaluate without item_loader needs a loader of (x, y) point-wise batches")
-            metric = BinaryAUC()
             if target.numel() and bool((target == target[0]).all()):
                 raise ValueError(
                     "AUC is undefined: every label is the same (list-/pair-wise labels are all 0); pass item_loader= "
                     "to get Recall/NDCG@K over the item corpus"
                 )
-            metric.update(preds.cpu(), target.cpu())
-            return float(metric.compute())
+            return exact_auc(preds, target)
         ks = (topk,) if isinstance(topk, int) else tuple(topk)
         users, extra = self._embed_loader(model, "user", data_loader)
         corpus = _collect(item_loader)

@@ -132,7 +132,7 @@ def _group_auc_stats(
 
 
 # --------------------------------------------------------------------------- AUC
-def auc_score(preds: Tensor, target: Tensor) -> Tensor:
+def auc_score(preds: Tensor, target: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
     """Exact binary ROC AUC.
 
     Equal scores share their average rank, as in :func:`sklearn.metrics.roc_auc_score`.
@@ -141,9 +141,11 @@ def auc_score(preds: Tensor, target: Tensor) -> Tensor:
     Args:
         preds: scores of any shape (probabilities or logits: only the order matters).
         target: binary labels (0/1, bool, int or float) with as many elements as ``preds``.
+        dtype: of the result; the ratio is computed in float64, so ``torch.float64`` gives
+            sklearn's value to the last digit.
 
     Returns:
-        A float32 scalar tensor; ``nan`` when ``target`` holds only one class (or is empty),
+        A scalar tensor of ``dtype``; ``nan`` when ``target`` holds only one class (or is empty),
         or when a score is NaN (a diverged model has no ranking; sklearn raises there).
 
     Raises:
@@ -157,12 +159,12 @@ def auc_score(preds: Tensor, target: Tensor) -> Tensor:
     _check_same_length(preds=preds, target=target)
     _check_binary(target)
     if preds.numel() == 0 or _has_nan(preds):
-        return torch.tensor(float("nan"), device=preds.device)
+        return torch.tensor(float("nan"), dtype=dtype, device=preds.device)
     _, won2, pos, neg = _group_auc_stats(preds, target)
     denom = 2 * pos * neg
     if int(denom[0]) == 0:
-        return torch.tensor(float("nan"), device=preds.device)
-    return (won2[0].double() / denom[0].double()).float()
+        return torch.tensor(float("nan"), dtype=dtype, device=preds.device)
+    return (won2[0].double() / denom[0].double()).to(dtype)
 
 
 def gauc_score(preds: Tensor, target: Tensor, groups: Tensor, weights: GroupWeights = "count") -> Tensor:

@@ -10,6 +10,7 @@ patience never ran out) and ``model_path/model.pth`` holds the same state dict.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -18,7 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
 
 from .checkpoint import AtomicCheckpointIO
@@ -26,7 +27,7 @@ from .data.base import validate_loader
 from .export import export_onnx as _export_onnx
 from .export import model_features
 from .features import Feature
-from .metrics import BinaryAUC
+from .metrics import auc_score
 from .models.base import returns_logits
 from .modules.base import RecModule, split_batch
 from .modules.ctr import CTRModule
@@ -99,6 +100,15 @@ class ReferenceLoggerAdapter(Logger):
         for lg in self._loggers:
             if hasattr(lg, "finish"):
                 lg.finish()
+
+
+def exact_auc(preds: torch.Tensor, target: torch.Tensor) -> float:
+    """ROC AUC as a Python float computed in float64 (sklearn's value to the last digit), with a
+    warning when it is undefined."""
+    value = float(auc_score(preds.cpu(), target.cpu(), dtype=torch.float64))
+    if math.isnan(value):
+        rank_zero_warn("AUC is undefined (the labels hold one class, or a score is NaN); returning NaN")
+    return value
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -261,6 +271,12 @@ class _FacadeBase:
             module.load_state_dict(state)
             score = ckpt_cb.best_model_score  # type: ignore[union-attr]
             rank_zero_info(f"Restored best weights ({module.monitor}={float(score):.6f}) from {best}")
+            if score is not None and not math.isfinite(float(score)):
+                rank_zero_warn(
+                    f"{module.monitor} was never a finite number (e.g. an AUC over labels of one class), so the "
+                    f"restored weights {os.path.basename(best)} were not chosen by it; monitor another task or "
+                    f"check the validation labels"
+                )
         if self.trainer.is_global_zero:
             torch.save(self.model.state_dict(), os.path.join(self.model_path, model_file))
         self.model.to(self.device)
@@ -392,9 +408,7 @@ class CTRTrainer(_FacadeBase):
         preds, target = self._scores(model, data_loader)
         if target is None:
             raise ValueError("evaluate needs a loader of (x, y) batches")
-        metric = BinaryAUC()
-        metric.update(preds.cpu(), target.cpu())
-        return float(metric.compute())
+        return exact_auc(preds, target)
 
     def predict(self, model: nn.Module, data_loader: Iterable[Any]) -> list[float]:
         """Click probabilities, one per row, in loader order."""

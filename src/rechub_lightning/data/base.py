@@ -73,7 +73,14 @@ def validate_batch_tensors(x: Mapping[str, torch.Tensor], schema: FeatureSchema,
         t = x[f.name]
         if isinstance(f, SparseFeature):
             if t.is_floating_point():
-                raise TypeError(f"feature {f.name!r} in {where} data must hold integer ids, got dtype {t.dtype}")
+                # Float ids are cast with .long() by the embedding (as in the reference), which
+                # is exact only for whole numbers: anything else is an error, not a truncation.
+                bad = ~torch.isfinite(t) | (t != torch.floor(t))
+                if bool(bad.any()):
+                    raise ValueError(
+                        f"feature {f.name!r} in {where} data must hold integer ids, found {float(t[bad][0])!r} "
+                        f"({int(bad.sum())} value(s), dtype {t.dtype}); Torch-RecHub truncated such values silently"
+                    )
             if t.numel():
                 lo, hi = int(t.min()), int(t.max())
                 if lo < 0 or hi >= f.vocab_size:

@@ -34,7 +34,11 @@ __all__ = [
 
 
 def to_tensor(values: Any, name: str = "?") -> torch.Tensor:
-    """Column -> tensor: integers become int64, floats float32, 2-D arrays keep their width."""
+    """Column -> tensor: integers become int64, floats float32, 2-D arrays keep their width.
+
+    A float64 column holding only whole numbers (ids after a pandas ``fillna``, say) becomes
+    int64, so ids above float32's 2**24 stay exact; models read dense columns with ``.float()``.
+    """
     if isinstance(values, torch.Tensor):
         t = values
     else:
@@ -46,12 +50,23 @@ def to_tensor(values: Any, name: str = "?") -> torch.Tensor:
                 raise TypeError(f"column {name!r} holds non-numeric values (e.g. {arr.flat[0]!r}); encode it first") from e
         if arr.dtype.kind in "US":
             raise TypeError(f"column {name!r} holds strings (e.g. {arr.flat[0]!r}); encode it as ids first")
-        t = torch.from_numpy(np.ascontiguousarray(arr))
+        if arr.dtype == np.float64 and arr.size and _whole(arr):
+            arr = arr.astype(np.int64)
+        arr = np.ascontiguousarray(arr)
+        if not arr.flags.writeable:  # e.g. pandas' copy-on-write views; torch wants writable memory
+            arr = arr.copy()
+        t = torch.from_numpy(arr)
     if t.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8, torch.int64):
         return t.long()
     if t.dtype == torch.bool:
         return t.float()
     return t.float()
+
+
+def _whole(arr: np.ndarray) -> bool:
+    """All values finite whole numbers that int64 (and float64) hold exactly."""
+    with np.errstate(invalid="ignore"):
+        return bool(np.all(np.abs(arr) < 2.0**53) and np.all(arr == np.floor(arr)))
 
 
 class TensorDictDataset(Dataset):

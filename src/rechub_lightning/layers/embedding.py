@@ -66,7 +66,14 @@ class EmbeddingLayer(nn.Module):
         unique: dict[str, Feature] = {}
         for f in features:
             if f.name in unique and unique[f.name] != f:
-                raise ValueError(f"two different features are named {f.name!r}")
+                kinds = {type(unique[f.name]).__name__, type(f).__name__}
+                if kinds == {"DenseFeature", "SparseFeature"}:
+                    raise ValueError(
+                        f"feature {f.name!r} is declared both as a DenseFeature and as a SparseFeature: one column "
+                        f"cannot be both a value and an id; embed a discretised copy under its own name "
+                        f"(e.g. {f.name + '_cat'!r})"
+                    )
+                raise ValueError(f"two different features are named {f.name!r}: {unique[f.name]!r} and {f!r}")
             unique.setdefault(f.name, f)
         self.features = list(unique.values())
         self.n_dense = sum(1 for f in self.features if isinstance(f, DenseFeature))

@@ -532,7 +532,7 @@ class MTLModule(RecModule):
                 keep = y[:, j] == 1
                 p, target = p[keep], target[keep]
             if t == "classification":
-                scores.append(float(auc_score(p, target)))
+                scores.append(float(auc_score(p, target, dtype=torch.float64)))
             else:
                 scores.append(float(F.mse_loss(p, target)) if p.numel() else math.nan)
         return scores
