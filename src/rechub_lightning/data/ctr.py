@@ -142,6 +142,7 @@ class CTRDataModule(TabularDataModule):
             return make_criteo_like(n_rows=rows, max_vocab=vocab, seed=self.seed)
         events = make_amazon_like(n_users=max(rows // 10, 50), seed=self.seed)
         train, val, test = generate_seq_feature(
-            events, "user_id", "item_id", "time", item_attribute_cols=["cate_id"], max_len=max_len, seed=self.seed
+            events, "user_id", "item_id", "time", item_attribute_cols=["cate_id"], max_len=max_len, seed=self.seed,
+            inplace=False,
         )
         return {"train": train, "val": val, "test": test}
