@@ -270,3 +270,26 @@ def test_evaluate_returns_the_auc_in_double_precision(tmp_path):
     loader = DataLoader(TorchDataset(x, y), batch_size=16)
     preds = np.asarray(trainer.predict(model, DataLoader(PredictDataset(x), batch_size=16)))
     assert trainer.evaluate(model, loader) == pytest.approx(roc_auc_score(y, preds), abs=1e-12)
+
+
+def test_prediction_data_needs_only_what_the_model_reads_outside_training(tmp_path):
+    """DIEN's negative histories feed its auxiliary training loss only: prediction rows may
+    come without them, while a training loader without them is an error before any step."""
+    from rechub_lightning import SequenceFeature
+    from rechub_lightning.models.ranking import DIEN
+
+    item = SparseFeature("item_id", 20, embed_dim=4, padding_idx=0)
+    hist = SequenceFeature("hist_item_id", 20, embed_dim=4, pooling="concat", shared_with="item_id", padding_idx=0)
+    neg = SequenceFeature("neg_hist_item_id", 20, embed_dim=4, pooling="concat", shared_with="item_id", padding_idx=0)
+    rng = np.random.default_rng(0)
+    n = 128
+    x = {"item_id": rng.integers(1, 20, n), "hist_item_id": rng.integers(1, 20, (n, 5)), "neg_hist_item_id": rng.integers(1, 20, (n, 5))}
+    y = (rng.random(n) < 0.5).astype("float32")
+    model = DIEN([], [hist], [neg], [item], {"dims": [8]})
+    trainer = CTRTrainer(model, n_epoch=1, loss_mode=False, model_path=str(tmp_path), trainer_kwargs=quiet_trainer_kwargs())
+    without_neg = {k: v for k, v in x.items() if k != "neg_hist_item_id"}
+    with pytest.raises(KeyError, match="neg_hist_item_id"):
+        trainer.fit(DataGenerator(without_neg, y, seed=0).generate_dataloader(split_ratio=[0.8, 0.1], batch_size=32)[0])
+    trainer.fit(DataGenerator(x, y, seed=0).generate_dataloader(split_ratio=[0.8, 0.1], batch_size=32)[0])
+    preds = trainer.predict(model, DataLoader(PredictDataset(without_neg), batch_size=32))
+    assert len(preds) == n and all(0.0 < p < 1.0 for p in preds)

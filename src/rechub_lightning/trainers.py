@@ -184,7 +184,9 @@ class _FacadeBase:
             where,
             task_types=self._label_types() if labels else None,
             binary=binary,
-            require_all=self._require_all_features,
+            # Evaluation and prediction check the columns they get: a model may read fewer
+            # features outside training (DIEN's negative histories feed its training loss only).
+            require_all=self._require_all_features and where == "training",
         )
 
     def export_onnx(
