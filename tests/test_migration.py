@@ -293,3 +293,26 @@ def test_prediction_data_needs_only_what_the_model_reads_outside_training(tmp_pa
     trainer.fit(DataGenerator(x, y, seed=0).generate_dataloader(split_ratio=[0.8, 0.1], batch_size=32)[0])
     preds = trainer.predict(model, DataLoader(PredictDataset(without_neg), batch_size=32))
     assert len(preds) == n and all(0.0 < p < 1.0 for p in preds)
+
+
+def test_gauc_score_takes_the_reference_keywords():
+    """gauc_score(y_true=, y_pred=, users=, weights=None): the reference's value (groups with
+    both classes; here every user has both) as a float, string user ids included."""
+    rng = np.random.default_rng(0)
+    n = 300
+    users = rng.choice(["ann", "bob", "cy", "dee"], n)
+    y = rng.integers(0, 2, n)
+    p = rng.random(n)
+    weights = {"ann": 1.0, "bob": 2.0, "cy": 0.5, "dee": 3.0}
+    got = gauc_score(y_true=y, y_pred=p, users=users)
+    got_w = gauc_score(y_true=y, y_pred=p, users=users, weights=weights)
+    assert isinstance(got, float)
+    from sklearn.metrics import roc_auc_score
+
+    per_user = {u: roc_auc_score(y[users == u], p[users == u]) for u in weights}
+    counts = {u: int((users == u).sum()) for u in weights}
+    assert got == pytest.approx(sum(per_user[u] * counts[u] for u in weights) / n, abs=1e-12)
+    assert got_w == pytest.approx(sum(per_user[u] * weights[u] for u in weights) / sum(weights.values()), abs=1e-12)
+    ref = pytest.importorskip("torch_rechub.basic.metric")
+    assert got == pytest.approx(ref.gauc_score(y, p, users), abs=1e-12)
+    assert got_w == pytest.approx(ref.gauc_score(y, p, users, weights), abs=1e-12)

@@ -167,7 +167,17 @@ def auc_score(preds: Tensor, target: Tensor, *, dtype: torch.dtype = torch.float
     return (won2[0].double() / denom[0].double()).to(dtype)
 
 
-def gauc_score(preds: Tensor, target: Tensor, groups: Tensor, weights: GroupWeights = "count") -> Tensor:
+def gauc_score(
+    preds: Tensor | None = None,
+    target: Tensor | None = None,
+    groups: Tensor | None = None,
+    weights: GroupWeights | None = "count",
+    *,
+    y_true: Any = None,
+    y_pred: Any = None,
+    users: Any = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor | float:
     """Group AUC: the AUC of each group (usually a user), averaged with weights.
 
     Groups whose rows hold a single class have no AUC and are **skipped** (they do not
@@ -181,9 +191,14 @@ def gauc_score(preds: Tensor, target: Tensor, groups: Tensor, weights: GroupWeig
         weights: ``"count"``: a group weighs its number of rows (impressions), as in
             Torch-RecHub; ``"uniform"``: every group weighs 1; or a mapping
             ``{group id: weight}`` that must cover every group with both classes.
+        y_true, y_pred, users: Torch-RecHub's call, ``gauc_score(y_true=..., y_pred=...,
+            users=..., weights=None)`` (note its order: labels first), with arrays and any
+            hashable user ids; it returns a Python float. Positional arguments are always
+            ``(preds, target, groups)``.
+        dtype: of the result (the average is computed in float64).
 
     Returns:
-        A float32 scalar tensor; ``nan`` if no group has both classes or a score is NaN.
+        A scalar tensor of ``dtype``; ``nan`` if no group has both classes or a score is NaN.
 
     Raises:
         ValueError: if the sizes differ, ``target`` is not binary or ``weights`` is unknown.
@@ -197,9 +212,36 @@ def gauc_score(preds: Tensor, target: Tensor, groups: Tensor, weights: GroupWeig
         >>> gauc_score(preds, target, groups)
         tensor(0.5000)
     """
+    if y_true is not None or y_pred is not None or users is not None:
+        if preds is not None or target is not None or groups is not None:
+            raise TypeError("give either (preds, target, groups) or (y_true=, y_pred=, users=), not both")
+        if y_true is None or y_pred is None or users is None:
+            raise TypeError("the Torch-RecHub form needs y_true=, y_pred= and users=")
+        uniq, codes = np.unique(np.asarray(users), return_inverse=True)
+        if isinstance(weights, Mapping):
+            weights = {int(i): weights[u] for i, u in enumerate(uniq.tolist()) if u in weights}
+        value = gauc_score(
+            torch.as_tensor(np.asarray(y_pred, dtype=np.float64)),
+            torch.as_tensor(np.asarray(y_true, dtype=np.float64)),
+            torch.as_tensor(codes.reshape(-1)),
+            "count" if weights is None else weights,
+            dtype=torch.float64,
+        )
+        return float(value)
+    if preds is None or target is None or groups is None:
+        raise TypeError("gauc_score needs preds, target and groups (or Torch-RecHub's y_true=, y_pred=, users=)")
+    if not all(isinstance(t, Tensor) for t in (preds, target, groups)):
+        # Torch-RecHub's positional order is (y_true, y_pred, users): arrays in that order here
+        # would silently swap labels and scores.
+        raise TypeError(
+            "gauc_score(preds, target, groups) takes tensors; for Torch-RecHub's call with arrays use keywords: "
+            "gauc_score(y_true=..., y_pred=..., users=...)"
+        )
+    if weights is None:
+        weights = "count"
     _check_same_length(preds=preds, target=target, groups=groups)
     _check_binary(target)
-    nan = torch.tensor(float("nan"), device=preds.device)
+    nan = torch.tensor(float("nan"), dtype=dtype, device=preds.device)
     if preds.numel() == 0 or _has_nan(preds):
         return nan
     group_ids, won2, pos, neg = _group_auc_stats(preds, target, groups)
@@ -227,7 +269,7 @@ def gauc_score(preds: Tensor, target: Tensor, groups: Tensor, weights: GroupWeig
     total = w.sum()
     if float(total) == 0.0:
         return nan
-    return ((w * auc).sum() / total).float()
+    return ((w * auc).sum() / total).to(dtype)
 
 
 def log_loss(preds: Tensor, target: Tensor, from_logits: bool = False) -> Tensor:
