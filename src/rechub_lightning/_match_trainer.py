@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data.base import validate_loader
 from .data.match import SEEN_ITEMS_KEY
 from .export import _tower_features
 from .metrics import topk_metrics
@@ -120,6 +119,12 @@ class MatchTrainer(_FacadeBase):
     def _label_types(self) -> list[str] | None:
         return ["classification"] if self.mode == 0 else None  # pair-/list-wise labels are placeholders
 
+    def _required_features(self, model: nn.Module, where: str) -> list[str]:
+        # Training rows feed both towers: all of their features must be there.
+        if where != "training":
+            return []
+        return [f.name for tower in ("user", "item") for f in _tower_features(model, tower)]
+
     def export_onnx(  # type: ignore[override]
         self,
         output_path: str,
@@ -163,10 +168,6 @@ class MatchTrainer(_FacadeBase):
         corpus = _collect(item_dataloader) if item_dataloader is not None else item_corpus
         self.module.set_item_corpus(corpus)
         self.module.monitor = MatchModule.monitor if corpus is not None or val_dataloader is None else "val/auc"
-        feats = self._model_features(self.model)
-        if feats is not None:  # training rows feed both towers: all of their features must be there
-            towers = {f.name for tower in ("user", "item") for f in _tower_features(self.model, tower)}
-            validate_loader(train_dataloader, [f for f in feats if f.name in towers], "training", require_all=True)
         self._check_loader(item_dataloader, "item corpus", labels=False)
         self._run_fit(train_dataloader, val_dataloader, "model.pth", val_labels=corpus is None)
 

@@ -158,6 +158,10 @@ class _FacadeBase:
         """Task type per label column, to check labels against (``None``: not checked)."""
         return ["classification"]
 
+    def _required_features(self, model: nn.Module, where: str) -> list[str]:
+        """Features that must be columns of a loader even when not all are required."""
+        return []
+
     @staticmethod
     def _model_features(model: nn.Module) -> list[Feature] | None:
         try:
@@ -178,15 +182,17 @@ class _FacadeBase:
         """
         if loader is None:
             return
+        model = self.model if model is None else model
         validate_loader(
             loader,
-            self._model_features(self.model if model is None else model),
+            self._model_features(model),
             where,
             task_types=self._label_types() if labels else None,
             binary=binary,
             # Evaluation and prediction check the columns they get: a model may read fewer
             # features outside training (DIEN's negative histories feed its training loss only).
             require_all=self._require_all_features and where == "training",
+            required=self._required_features(model, where),
         )
 
     def export_onnx(

@@ -149,6 +149,7 @@ def validate_loader(
     task_types: Sequence[str] | None = None,
     binary: bool = False,
     require_all: bool = True,
+    required: Sequence[str] = (),
 ) -> bool:
     """Check a loader's whole data against the model's features (and labels) before it runs.
 
@@ -160,6 +161,7 @@ def validate_loader(
         task_types: label check per task (``None``: labels are not checked).
         binary: classification labels must be exactly 0/1 (evaluation) rather than in [0, 1].
         require_all: every feature must be a column (``False``: check the ones present).
+        required: features that must be columns even when ``require_all`` is off.
 
     Returns:
         Whether the data could be checked.
@@ -169,7 +171,7 @@ def validate_loader(
         return False
     x, y = cols
     if features is not None:
-        feats = [f for f in features if require_all or f.name in x]
+        feats = [f for f in features if require_all or f.name in x or f.name in required]
         validate_batch_tensors(x, FeatureSchema(feats), where)
     if task_types is not None and y is not None:
         validate_labels(y, task_types, where, binary)
