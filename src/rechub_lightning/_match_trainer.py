@@ -125,25 +125,10 @@ class MatchTrainer(_FacadeBase):
             return []
         return [f.name for tower in ("user", "item") for f in _tower_features(model, tower)]
 
-    def export_onnx(  # type: ignore[override]
-        self,
-        output_path: str,
-        mode: str | None = None,
-        dummy_input: dict[str, torch.Tensor] | None = None,
-        batch_size: int = 2,
-        seq_length: int | None = None,
-        opset_version: int = 17,
-        dynamic_batch: bool = True,
-        device: str | None = None,
-        verbose: bool = False,
-        onnx_export_kwargs: dict[str, Any] | None = None,
-    ) -> bool:
-        """Export the model, or with ``mode="user"``/``"item"`` one tower, to ONNX (the
-        reference's argument order: ``mode`` second). See :meth:`CTRTrainer.export_onnx`."""
-        return super().export_onnx(
-            output_path, dummy_input, batch_size, seq_length, opset_version, dynamic_batch, device, verbose,
-            onnx_export_kwargs, mode=mode,
-        )
+    def export_onnx(self, output_path: str, mode: str | None = None, *args: Any, **kwargs: Any) -> bool:  # type: ignore[override]
+        """Export the model, or with ``mode="user"``/``"item"`` one tower, to ONNX; the reference's
+        argument order (``mode`` second), the other arguments as :meth:`CTRTrainer.export_onnx`."""
+        return super().export_onnx(output_path, *args, mode=mode, **kwargs)
 
     # ------------------------------------------------------------------ training
     def fit(
