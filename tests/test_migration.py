@@ -316,3 +316,27 @@ def test_gauc_score_takes_the_reference_keywords():
     ref = pytest.importorskip("torch_rechub.basic.metric")
     assert got == pytest.approx(ref.gauc_score(y, p, users), abs=1e-12)
     assert got_w == pytest.approx(ref.gauc_score(y, p, users, weights), abs=1e-12)
+
+
+def test_columns_the_model_does_not_read_may_hold_anything(tmp_path):
+    """A reference-style dataset can carry extra columns (raw strings, say) next to the features;
+    the up-front check converts only what the model reads."""
+
+    class RowDataset(torch.utils.data.Dataset):  # the reference's TorchDataset, verbatim in shape
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __getitem__(self, i):
+            return {k: v[i] for k, v in self.x.items() if k != "title"}, self.y[i]
+
+        def __len__(self):
+            return len(self.y)
+
+    x, y = ctr_columns(64)
+    x["title"] = np.array(["some text"] * 64)
+    model = DeepFM(FEATS + [DenseFeature("d")], FEATS, {"dims": [8]})
+    trainer = CTRTrainer(model, model_path=str(tmp_path), trainer_kwargs=quiet_trainer_kwargs())
+    assert 0.0 <= trainer.evaluate(model, DataLoader(RowDataset(x, y), batch_size=16)) <= 1.0
+    bad = dict(x, a=np.where(np.arange(64) == 5, 10, x["a"]))
+    with pytest.raises(ValueError, match="'a' in evaluation data has id 10"):
+        trainer.evaluate(model, DataLoader(RowDataset(bad, y), batch_size=16))

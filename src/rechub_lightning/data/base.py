@@ -96,12 +96,14 @@ def validate_batch_tensors(x: Mapping[str, torch.Tensor], schema: FeatureSchema,
                 raise ValueError(f"dense feature {f.name!r} in {where} data has {n} NaN/inf value(s)")
 
 
-def loader_columns(loader: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor | None] | None:
+def loader_columns(loader: Any, names: Sequence[str] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None] | None:
     """The whole columns behind ``loader``, when its dataset exposes them.
 
     Our :class:`TensorDictDataset` and any dataset holding a dict of arrays as ``x`` (and
-    labels as ``y``), such as Torch-RecHub's ``TorchDataset``/``PredictDataset``. ``None``
-    for anything else (an iterable, a streaming or per-row dataset of another shape).
+    labels as ``y``), such as Torch-RecHub's ``TorchDataset``/``PredictDataset``, whose
+    columns are converted (only ``names`` of them when given: other columns may hold
+    anything the model does not read). ``None`` for anything else (an iterable, a streaming
+    or per-row dataset of another shape).
     """
     ds = getattr(loader, "dataset", None)
     if isinstance(ds, TensorDictDataset):
@@ -110,7 +112,7 @@ def loader_columns(loader: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor |
     if not isinstance(x, Mapping):
         return None
     y = getattr(ds, "y", None)
-    cols = {k: to_tensor(v, k) for k, v in x.items()}
+    cols = {k: to_tensor(v, k) for k, v in x.items() if names is None or k in names}
     return cols, (None if y is None else to_tensor(y, "label").float())
 
 
@@ -166,7 +168,7 @@ def validate_loader(
     Returns:
         Whether the data could be checked.
     """
-    cols = loader_columns(loader)
+    cols = loader_columns(loader, [] if features is None else [f.name for f in features])
     if cols is None:
         return False
     x, y = cols
