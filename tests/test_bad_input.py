@@ -193,6 +193,88 @@ CASES += [
 ]
 
 
+# ---------------------------------------------------------------- lightning.Trainer with raw loaders
+# No DataModule and no trainer facade: the modules' on_*_start hooks check the loaders' data.
+def loader(x, y=None, batch_size=50):
+    from rechub_lightning.data import TensorDictDataset
+
+    ds = TensorDictDataset({k: torch.as_tensor(v) for k, v in x.items()}, None if y is None else torch.as_tensor(y, dtype=torch.float32))
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size)
+
+
+def native(module, train=None, val=None, predict=None):
+    trainer = Trainer(max_epochs=1, **quiet_trainer_kwargs(enable_checkpointing=False))
+    if predict is not None:
+        return trainer.predict(module, predict)
+    trainer.fit(module, train, val)
+
+
+def ctr_module():
+    return CTRModule(DeepFM(TWO + [DenseFeature("d")], TWO, MLP))
+
+
+def mtl_module():
+    from rechub_lightning import MTLModule
+    from rechub_lightning.models.multi_task import SharedBottom
+
+    return MTLModule(SharedBottom(TWO + [DenseFeature("d")], ["classification"] * 2, {"dims": [8]}, [{"dims": [4]}] * 2))
+
+
+def match_module():
+    from rechub_lightning import MatchModule
+    from rechub_lightning.models.matching import DSSM
+
+    user, item = SparseFeature("user_id", 20, embed_dim=8), SparseFeature("item_id", 30, embed_dim=8)
+    return MatchModule(DSSM([user], [item], {"dims": [8]}, {"dims": [8]}), mode=0)
+
+
+def reference_dataset_loader(x, y):
+    from rechub_lightning.data import TorchDataset
+
+    return torch.utils.data.DataLoader(TorchDataset(x, y), batch_size=50)
+
+
+CASES += [
+    ("Trainer.fit(CTRModule, raw loader): id past the vocab inside the fused table", lambda: native(
+        ctr_module(), loader(columns(a=with_value(np.arange(200) % 10, 5, 12)), labels())), ValueError, "'a' in training data has id 12"),
+    ("Trainer.fit(CTRModule, reference TorchDataset loader): negative id", lambda: native(
+        ctr_module(), reference_dataset_loader(columns(b=with_value(np.arange(200) % 10, 9, -1)), labels())), ValueError, "'b'"),
+    ("Trainer.fit(CTRModule, raw loaders): soft validation label", lambda: native(
+        ctr_module(), loader(columns(), labels()), loader(columns(), with_value(labels(), 0, 0.5))),
+     ValueError, "validation data must be 0 or 1"),
+    ("Trainer.fit(CTRModule, raw loader): NaN dense value", lambda: native(
+        ctr_module(), loader(columns(d=with_value(np.ones(200), 4, np.nan)), labels())), ValueError, "'d'"),
+    ("Trainer.fit(MTLModule, raw loader): three label columns for two tasks", lambda: native(
+        mtl_module(), loader(columns(), labels(tasks=3))), ValueError, "3 column(s)"),
+    ("Trainer.fit(MatchModule, raw loader): no item tower column", lambda: native(
+        match_module(), loader({"user_id": np.arange(100) % 20}, labels(100))), KeyError, "'item_id'"),
+    ("Trainer.predict(CTRModule, raw loader): id past the vocab", lambda: native(
+        ctr_module(), predict=loader(columns(a=with_value(np.arange(200) % 10, 0, 10)))), ValueError, "'a' in prediction data"),
+]
+
+
+def test_checked_data_is_read_once(monkeypatch):
+    """The trainer facade checks its loaders, then the module's hooks see the same loaders under
+    lightning.Trainer (every validation epoch): each dataset's columns are read once."""
+    import rechub_lightning.data.base as base
+
+    reads = []
+    orig = base.loader_columns
+    monkeypatch.setattr(base, "loader_columns", lambda loader, names=None: reads.append(id(loader.dataset)) or orig(loader, names))
+    from rechub_lightning import CTRTrainer
+    from rechub_lightning.data import DataGenerator
+
+    x, y = columns(), labels()
+    tr, va, _ = DataGenerator(x, y).generate_dataloader(x_val=x, y_val=y, x_test=x, y_test=y, batch_size=50)
+    model = DeepFM(TWO + [DenseFeature("d")], TWO, MLP)
+    CTRTrainer(model, n_epoch=3, earlystop_patience=5, model_path=str(_tmp / "once"), trainer_kwargs=quiet_trainer_kwargs()).fit(tr, va)
+    assert sorted(reads) == sorted([id(tr.dataset), id(va.dataset)])
+    # a dataset changed into a bad one is a new object and is checked again
+    with pytest.raises(ValueError, match="'a' in training data has id 10"):
+        bad = loader(columns(a=with_value(np.arange(200) % 10, 1, 10)), labels())
+        CTRTrainer(model, n_epoch=1, model_path=str(_tmp / "once2"), trainer_kwargs=quiet_trainer_kwargs()).fit(bad, va)
+
+
 @pytest.fixture
 def step_spy(monkeypatch):
     calls = []

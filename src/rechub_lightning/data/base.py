@@ -9,6 +9,7 @@ LightningCLI can link it into the model) -> encoded column tensors, validated in
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -167,7 +168,20 @@ def validate_loader(
 
     Returns:
         Whether the data could be checked.
+
+    A dataset that passed the same checks before (the trainers check their loaders, then the
+    module's hooks see the same loaders under ``lightning.Trainer``) is not read again.
     """
+    ds = getattr(loader, "dataset", None)
+    key = (
+        None if features is None else tuple((f.name, type(f).__name__, getattr(f, "vocab_size", None)) for f in features),
+        None if task_types is None else tuple(task_types),
+        bool(binary),
+        bool(require_all),
+        tuple(required),
+    )
+    if key in _checked(ds):
+        return True
     cols = loader_columns(loader, [] if features is None else [f.name for f in features])
     if cols is None:
         return False
@@ -177,7 +191,26 @@ def validate_loader(
         validate_batch_tensors(x, FeatureSchema(feats), where)
     if task_types is not None and y is not None:
         validate_labels(y, task_types, where, binary)
+    _remember_checked(ds, key)
     return True
+
+
+#: datasets that passed :func:`validate_loader`, with the checks they passed
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _checked(ds: Any) -> set:
+    try:
+        return _CHECKED.get(ds, set())
+    except TypeError:  # not weak-referenceable or not hashable: always checked
+        return set()
+
+
+def _remember_checked(ds: Any, key: tuple) -> None:
+    try:
+        _CHECKED.setdefault(ds, set()).add(key)
+    except TypeError:
+        pass
 
 
 def encode_labels(frame: pd.DataFrame, labels: Sequence[str], task_types: Sequence[str], split: str) -> np.ndarray:

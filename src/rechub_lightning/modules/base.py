@@ -244,6 +244,61 @@ class RecModule(L.LightningModule):
                 f"BatchNorm layers, which cannot train on one row; change batch_size (e.g. {bs + 1})"
             )
 
+    # ------------------------------------------------------------------ input checks
+    def loader_checks(self, stage: str) -> dict[str, Any]:
+        """What :func:`~rechub_lightning.data.base.validate_loader` checks in ``stage``'s loaders.
+
+        ``stage`` is ``"train"``, ``"val"``, ``"test"`` or ``"predict"``. The default suits a
+        single binary task: training loaders hold every feature and labels in ``[0, 1]``;
+        validation/test loaders the features they hold and 0/1 labels (what AUC needs);
+        prediction loaders the features they hold.
+        """
+        if stage == "train":
+            return {"task_types": ["classification"], "binary": False, "require_all": True}
+        if stage in ("val", "test"):
+            return {"task_types": ["classification"], "binary": True, "require_all": False}
+        return {"task_types": None, "require_all": False}
+
+    def _check_loaders(self, stage: str, loaders: Any) -> None:
+        """Check the whole data behind ``loaders`` before the loop over them starts.
+
+        DataModules and the trainers check their data already (checked datasets are not read
+        again); these hooks cover loaders passed straight to ``lightning.Trainer`` (ids out of
+        a feature's range would otherwise read another feature's rows of a fused table).
+        """
+        from ..data.base import validate_loader
+        from ..export import model_features
+        from ..features import Feature
+
+        if loaders is None:
+            return
+        try:
+            feats = [f for f in model_features(self.model) if isinstance(f, Feature)] or None
+        except ValueError:  # a foreign model (e.g. Torch-RecHub's): its own layers check ids
+            feats = None
+        where = {"train": "training", "val": "validation", "test": "test", "predict": "prediction"}[stage]
+        items = loaders.values() if isinstance(loaders, Mapping) else loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        for loader in items:
+            validate_loader(loader, feats, where, **self.loader_checks(stage))
+
+    def on_train_start(self) -> None:
+        trainer = self.trainer
+        self._check_loaders("train", trainer.train_dataloader)
+        if trainer.val_dataloaders is None and trainer.enable_validation:
+            # Without a sanity check the validation loaders load at the first validation, after
+            # an epoch of training: load them now, as the sanity check would, and check them.
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+        self._check_loaders("val", trainer.val_dataloaders)
+
+    def on_validation_start(self) -> None:
+        self._check_loaders("val", self.trainer.val_dataloaders)
+
+    def on_test_start(self) -> None:
+        self._check_loaders("test", self.trainer.test_dataloaders)
+
+    def on_predict_start(self) -> None:
+        self._check_loaders("predict", self.trainer.predict_dataloaders)
+
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
     ) -> None:

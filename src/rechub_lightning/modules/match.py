@@ -368,6 +368,22 @@ class MatchModule(RecModule):
         instead of ``trainer.datamodule.item_corpus()``; ``None`` reverts to the datamodule."""
         self._corpus_override = None if corpus is None else {k: torch.as_tensor(v) for k, v in corpus.items()}
 
+    def loader_checks(self, stage: str) -> dict[str, Any]:
+        """Training rows feed both towers (all their features must be columns; 0/1 labels in
+        point-wise mode, placeholders otherwise); evaluation rows hold the user tower's features
+        (labels matter only for the AUC fallback without an item corpus); item loaders the item's."""
+        if stage == "train":
+            from ..export import _tower_features
+
+            model = _unwrap(self.model)
+            required = [f.name for tower in ("user", "item") for f in _tower_features(model, tower)]
+            labels = ["classification"] if self._point_wise_labels() else None
+            return {"task_types": labels, "binary": False, "require_all": False, "required": required}
+        if stage in ("val", "test"):
+            has_corpus = self._corpus_override is not None or getattr(self._datamodule(), "item_corpus", None) is not None
+            return {"task_types": None if has_corpus else ["classification"], "binary": True, "require_all": False}
+        return {"task_types": None, "require_all": False}
+
     def on_fit_start(self) -> None:
         dm = self._datamodule()
         dm_mode = getattr(dm, "mode", None)

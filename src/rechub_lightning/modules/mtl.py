@@ -405,6 +405,12 @@ class MTLModule(RecModule):
         self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ hooks and steps
+    def loader_checks(self, stage: str) -> dict[str, Any]:
+        checks = super().loader_checks(stage)
+        if checks["task_types"] is not None:
+            checks["task_types"] = list(self.task_types)  # one label column per task
+        return checks
+
     def on_fit_start(self) -> None:
         if not self.automatic_optimization and str(self.trainer.precision) in ("16-mixed", "16"):
             raise ValueError(
