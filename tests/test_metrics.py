@@ -467,3 +467,92 @@ def test_metrics_ddp_equal_single_process(tmp_path: Path) -> None:
             assert got[case].keys() == want.keys()
             for key, value in want.items():
                 assert got[case][key] == pytest.approx(value, abs=1e-6), (rank, case, key)
+
+
+# ----------------------------------------------------------------------------- beyond accuracy
+def _brute_diversity(lists, emb, k):
+    """Intra-list diversity from its definition: mean of 1 - cos over the pairs of each top-k."""
+    per_user = []
+    for items in lists:
+        items = [i for i in items[:k] if i >= 0]
+        if len(items) < 2:
+            continue
+        d = [1 - float(np.dot(emb[a], emb[b]) / max(np.linalg.norm(emb[a]), 1e-10) / max(np.linalg.norm(emb[b]), 1e-10))
+             for x, a in enumerate(items) for b in items[x + 1:]]
+        per_user.append(np.mean(d))
+    return float(np.mean(per_user))
+
+
+def test_diversity_coverage_novelty_match_their_definitions():
+    from rechub_lightning.metrics import coverage_score, diversity_score, novelty_score
+
+    rng = np.random.default_rng(3)
+    n_items, k_max = 40, 8
+    emb = rng.normal(size=(n_items, 6))
+    emb[5] = 0.0  # a zero vector: distance 1 to everything, as in the reference
+    lists = [rng.choice(n_items, size=k_max, replace=False).tolist() for _ in range(30)]
+    lists[0][3] = 5
+    lists[1] = [7]  # one item: no pair, left out of the average
+    padded = torch.full((len(lists), k_max), -1)
+    for u, items in enumerate(lists):
+        padded[u, : len(items)] = torch.tensor(items)
+    pop = rng.dirichlet(np.ones(n_items))
+    pop[9] = 0.0  # never interacted with: clamped to 1e-10
+    for k in (1, 3, 8):
+        div = diversity_score(padded, emb, ks=[k], chunk_size=7)[f"diversity@{k}"]
+        if k == 1:
+            assert np.isnan(div)
+        else:
+            assert div == pytest.approx(_brute_diversity(lists, emb, k), rel=1e-9)
+        cov = coverage_score(lists, n_items, ks=k)[f"coverage@{k}"]
+        assert cov == len({i for items in lists for i in items[:k]}) / n_items
+        nov = novelty_score(padded, pop, [k])[f"novelty@{k}"]
+        expected = np.mean([np.mean([-np.log2(max(pop[i], 1e-10)) for i in items[:k]]) for items in lists])
+        assert nov == pytest.approx(expected, rel=1e-9)
+
+
+def test_beyond_accuracy_metrics_equal_torch_rechub_on_its_dict_form():
+    from rechub_lightning.metrics import coverage_score, diversity_score, novelty_score
+
+    rng = np.random.default_rng(4)
+    items = [f"i{j}" for j in range(25)]
+    y_pred = {f"u{u}": list(rng.choice(items, size=6, replace=False)) for u in range(12)}
+    emb = {i: rng.normal(size=4) for i in items}
+    counts = rng.integers(1, 50, len(items))
+    popularity = {i: c / counts.sum() for i, c in zip(items, counts)}
+    ours = {**diversity_score(y_pred, emb, topKs=[3, 6]), **coverage_score(y_pred, items, topKs=[3, 6]),
+            **novelty_score(y_pred, popularity, topKs=[3, 6])}
+    assert set(ours) == {f"{m}@{k}" for m in ("diversity", "coverage", "novelty") for k in (3, 6)}
+    ref = pytest.importorskip("torch_rechub.basic.metric")
+    expected = {**ref.diversity_score(y_pred, emb, [3, 6]), **ref.coverage_score(y_pred, items, [3, 6]),
+                **ref.novelty_score(y_pred, popularity, [3, 6])}
+    for name, values in expected.items():
+        for text in values:  # "Diversity@3: 0.9871"
+            key, value = text.split(": ")
+            assert ours[key.lower()] == pytest.approx(float(value), abs=5e-5), key
+
+
+def test_beyond_accuracy_metrics_reject_items_they_cannot_score():
+    from rechub_lightning.metrics import coverage_score, diversity_score, novelty_score
+
+    emb = np.eye(4)
+    with pytest.raises(ValueError, match="recommended item 4 has no row in item_embeddings"):
+        diversity_score([[0, 4]], emb, ks=2)
+    with pytest.raises(ValueError, match="'z' has no entry in all_items"):
+        coverage_score({"u": ["a", "z"]}, ["a", "b"])
+    with pytest.raises(ValueError, match="probabilities in \\[0, 1\\].*37.0 for item 2"):
+        novelty_score([[0, 2]], np.array([0.1, 0.2, 37.0]), ks=2)
+    # an item missing from a popularity dict was never interacted with: maximal self-information
+    assert novelty_score({"u": ["a", "new"]}, {"a": 0.5}, topKs=[2])["novelty@2"] == pytest.approx((1 + np.log2(1e10)) / 2)
+
+
+def test_single_topk_metric_helpers_are_slices_of_topk_metrics():
+    from rechub_lightning.metrics import hit_score, mrr_score, ndcg_score, precision_score, recall_score
+
+    y_true = {1: [1, 2], 2: [3], 3: [9]}
+    y_pred = {1: [1, 5, 6], 2: [7, 8, 3], 3: [4, 5, 6]}
+    full = topk_metrics(y_true, y_pred, [1, 3])
+    for fn, name in ((recall_score, "recall"), (precision_score, "precision"), (ndcg_score, "ndcg"),
+                     (mrr_score, "mrr"), (hit_score, "hitrate")):
+        assert fn(y_true, y_pred, [1, 3]) == {f"{name}@1": full[f"{name}@1"], f"{name}@3": full[f"{name}@3"]}
+    assert hit_score(y_true, y_pred, [3])["hitrate@3"] == pytest.approx(2 / 3)  # users with a hit

@@ -1,4 +1,5 @@
-"""Evaluation metrics: AUC, log loss, group AUC and top-K retrieval metrics.
+"""Evaluation metrics: AUC, log loss, group AUC, top-K retrieval metrics and beyond-accuracy
+metrics of recommendation lists (intra-list diversity, catalog coverage, novelty).
 
 Each metric has a stateless functional form (the truth, tested against sklearn or a
 brute-force reference) and a :class:`torchmetrics.Metric` that accumulates state over
@@ -37,6 +38,14 @@ __all__ = [
     "log_loss",
     "gauc_score",
     "topk_metrics",
+    "recall_score",
+    "precision_score",
+    "ndcg_score",
+    "mrr_score",
+    "hit_score",
+    "diversity_score",
+    "coverage_score",
+    "novelty_score",
     "BinaryAUC",
     "LogLoss",
     "GroupAUC",
@@ -484,6 +493,233 @@ def topk_metrics(
     ks = _check_ks((5, 10, 20) if ks is None else ks)
     sums, n_users = _topk_sums(topk_items, relevant, ks)
     return _topk_dict(sums, n_users, ks)
+
+
+def _one_topk_metric(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, float]:
+    return {key: value for key, value in topk_metrics(*args, **kwargs).items() if key.split("@")[0] == name}
+
+
+def recall_score(*args: Any, **kwargs: Any) -> dict[str, float]:
+    """``recall@k`` of :func:`topk_metrics` (same arguments), e.g. Torch-RecHub's
+    ``recall_score(y_true, y_pred, topKs=[5])`` -> ``{"recall@5": ...}``."""
+    return _one_topk_metric("recall", args, kwargs)
+
+
+def precision_score(*args: Any, **kwargs: Any) -> dict[str, float]:
+    """``precision@k`` of :func:`topk_metrics` (same arguments)."""
+    return _one_topk_metric("precision", args, kwargs)
+
+
+def ndcg_score(*args: Any, **kwargs: Any) -> dict[str, float]:
+    """``ndcg@k`` of :func:`topk_metrics` (same arguments)."""
+    return _one_topk_metric("ndcg", args, kwargs)
+
+
+def mrr_score(*args: Any, **kwargs: Any) -> dict[str, float]:
+    """``mrr@k`` of :func:`topk_metrics` (same arguments)."""
+    return _one_topk_metric("mrr", args, kwargs)
+
+
+def hit_score(*args: Any, **kwargs: Any) -> dict[str, float]:
+    """``hitrate@k`` of :func:`topk_metrics` (same arguments): the share of users with a hit
+    (Torch-RecHub's ``hit_score`` divided the hits by the relevant items: that is ``recall``
+    summed over users)."""
+    return _one_topk_metric("hitrate", args, kwargs)
+
+
+# --------------------------------------------------------------------------- beyond accuracy
+def _ranked_rows(y_pred: Any, index: Mapping[Any, int] | None, n_rows: int, what: str) -> Tensor:
+    """Recommendation lists as a ``(U, K)`` int64 tensor of rows of a per-item table (``-1``: padding).
+
+    ``y_pred`` is a ``(U, K)`` tensor/array, a sequence of ranked lists or Torch-RecHub's
+    ``{user: ranked items}`` dict. Without ``index`` item ids are the rows (``-1`` pads); with
+    it (a table given as a dict) ids are looked up in it. Ids without a row are an error.
+    """
+    if isinstance(y_pred, Mapping):
+        lists: list[Any] | None = [np.asarray(v).reshape(-1).tolist() for v in y_pred.values()]
+    elif isinstance(y_pred, (Tensor, np.ndarray)):
+        t = torch.as_tensor(y_pred)
+        if t.dim() != 2:
+            raise ValueError(f"y_pred must be 2-d (users, items), got shape {tuple(t.shape)}")
+        lists = t.tolist() if index is not None else None
+        rows = None if index is not None else t.long()
+    else:
+        lists = [np.asarray(list(r) if isinstance(r, (set, frozenset)) else r).reshape(-1).tolist() for r in y_pred]
+    if lists is not None:
+        if index is not None:
+            mapped = []
+            for items in lists:
+                row = []
+                for item in items:
+                    if item in index:
+                        row.append(index[item])
+                    elif isinstance(item, (int, np.integer)) and item == -1:
+                        row.append(-1)
+                    else:
+                        raise ValueError(f"recommended item {item!r} has no entry in {what}")
+                mapped.append(row)
+            lists = mapped
+        rows = _to_padded(lists, "y_pred")
+    assert rows is not None
+    bad = (rows >= n_rows) | (rows < -1)
+    if bool(bad.any()):
+        raise ValueError(f"recommended item {int(rows[bad][0])} has no row in {what} ({n_rows} rows)")
+    return rows
+
+
+def _beyond_ks(y_pred: Any, ks: Sequence[int] | int | None, topKs: Sequence[int] | int | None) -> tuple[int, ...]:
+    if topKs is not None:
+        ks = topKs
+    return _check_ks(([5] if isinstance(y_pred, Mapping) else (5, 10, 20)) if ks is None else ks)
+
+
+def _table(values: Any, what: str) -> tuple[Tensor, dict[Any, int] | None]:
+    """A per-item table (rows indexed by item id) from a tensor/array or a ``{item: value}`` dict."""
+    if isinstance(values, Mapping):
+        keys = list(values)
+        if not keys:
+            raise ValueError(f"{what} is empty")
+        table = torch.as_tensor(np.stack([np.asarray(values[k], dtype=np.float64) for k in keys]))
+        return table, {k: i for i, k in enumerate(keys)}
+    return torch.as_tensor(np.asarray(values, dtype=np.float64)), None
+
+
+def diversity_score(
+    y_pred: Any,
+    item_embeddings: Any,
+    ks: Sequence[int] | int | None = None,
+    *,
+    topKs: Sequence[int] | int | None = None,
+    chunk_size: int = 4096,
+) -> dict[str, float]:
+    """Intra-list diversity: the mean pairwise cosine distance ``1 - cos(e_i, e_j)`` between the
+    items of a user's top ``k``, averaged over users with at least two items there.
+
+    Args:
+        y_pred: ranked recommendations: a ``(U, K)`` tensor (``-1`` pads), a sequence of lists,
+            or Torch-RecHub's ``{user: items}`` dict.
+        item_embeddings: ``(N, D)`` tensor/array indexed by item id, or ``{item: vector}``.
+        ks / topKs: cut-offs (default ``[5]`` for a dict, else ``(5, 10, 20)``).
+        chunk_size: users scored at once (memory ``chunk_size * k * D``).
+
+    Returns:
+        ``{"diversity@k": float}``; ``nan`` when no user has two items. Computed as
+        ``(k_u(k_u-1)/2 - (|sum v|^2 - sum |v|^2) / 2) / (k_u(k_u-1)/2)`` over unit vectors
+        ``v`` (a zero embedding stays zero, as in Torch-RecHub 0.9.0), without the ``k x k``
+        similarity matrix. An item listed twice counts twice (distance 0), as there.
+
+    Raises:
+        ValueError: a recommended item without an embedding (the reference skipped it).
+    """
+    ks = _beyond_ks(y_pred, ks, topKs)
+    table, index = _table(item_embeddings, "item_embeddings")
+    if table.dim() != 2:
+        raise ValueError(f"item_embeddings must be 2-d (items, dim), got shape {tuple(table.shape)}")
+    unit = table / table.norm(dim=1, keepdim=True).clamp(min=1e-10)
+    rows = _ranked_rows(y_pred, index, len(table), "item_embeddings")
+    out = {}
+    for k in ks:
+        sel = rows[:, :k]
+        total, users = 0.0, 0
+        for s in range(0, len(sel), chunk_size):
+            part = sel[s : s + chunk_size]
+            mask = part >= 0
+            v = unit[part.clamp(min=0)] * mask.unsqueeze(-1)
+            n = mask.sum(1).double()
+            pairs = n * (n - 1) / 2
+            sim = (v.sum(1).pow(2).sum(1) - v.pow(2).sum((1, 2))) / 2
+            keep = n >= 2
+            total += float(((pairs - sim)[keep] / pairs[keep]).sum())
+            users += int(keep.sum())
+        out[f"diversity@{k}"] = total / users if users else math.nan
+    return out
+
+
+def coverage_score(
+    y_pred: Any, all_items: Any, ks: Sequence[int] | int | None = None, *, topKs: Sequence[int] | int | None = None
+) -> dict[str, float]:
+    """Catalog coverage: the share of the catalog recommended to at least one user in a top ``k``.
+
+    Args:
+        y_pred: ranked recommendations (as :func:`diversity_score`).
+        all_items: the catalog: its size ``N`` (item ids ``0..N-1``) or a collection of item ids.
+        ks / topKs: cut-offs (default ``[5]`` for a dict, else ``(5, 10, 20)``).
+
+    Returns:
+        ``{"coverage@k": float}`` in ``[0, 1]``.
+
+    Raises:
+        ValueError: a recommended item outside the catalog (Torch-RecHub counted it, so its
+            coverage could exceed 1).
+    """
+    ks = _beyond_ks(y_pred, ks, topKs)
+    if isinstance(all_items, (int, np.integer)):
+        n, index = int(all_items), None
+    else:
+        catalog = list(dict.fromkeys(np.asarray(list(all_items) if isinstance(all_items, (set, frozenset)) else all_items).reshape(-1).tolist()))
+        n, index = len(catalog), {item: i for i, item in enumerate(catalog)}
+    if n <= 0:
+        raise ValueError(f"all_items must hold at least one item, got {all_items!r}")
+    rows = _ranked_rows(y_pred, index, n, "all_items")
+    out = {}
+    for k in ks:
+        sel = rows[:, :k]
+        out[f"coverage@{k}"] = int(torch.unique(sel[sel >= 0]).numel()) / n
+    return out
+
+
+def novelty_score(
+    y_pred: Any, item_popularity: Any, ks: Sequence[int] | int | None = None, *, topKs: Sequence[int] | int | None = None
+) -> dict[str, float]:
+    """Novelty as mean self-information: ``-log2(p_i)`` of the recommended items, averaged over
+    a user's top ``k``, then over users (higher: more long-tail recommendations).
+
+    Args:
+        y_pred: ranked recommendations (as :func:`diversity_score`).
+        item_popularity: interaction probability per item (e.g. count / total interactions),
+            an ``(N,)`` tensor/array indexed by item id or ``{item: p}``; an item absent from
+            the dict has probability 0. Probabilities are clamped below at ``1e-10`` (an item
+            never interacted with scores ``log2(1e10)`` = 33.2 bits), as in Torch-RecHub.
+        ks / topKs: cut-offs (default ``[5]`` for a dict, else ``(5, 10, 20)``).
+
+    Returns:
+        ``{"novelty@k": float}``; ``nan`` when no user has a recommendation.
+
+    Raises:
+        ValueError: probabilities outside ``[0, 1]`` (counts passed as probabilities), or an
+            item id past the end of a popularity array.
+    """
+    ks = _beyond_ks(y_pred, ks, topKs)
+    pop, index = _table(item_popularity, "item_popularity")
+    pop = pop.reshape(-1)
+    bad = ~((pop >= 0) & (pop <= 1))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        item = list(index)[i] if index is not None else i
+        raise ValueError(
+            f"item_popularity must hold probabilities in [0, 1] (e.g. count / total interactions), found {float(pop[i])} for item {item!r}"
+        )
+    if index is not None:  # items missing from the dict have probability 0
+        missing = {}
+        lists = y_pred.values() if isinstance(y_pred, Mapping) else y_pred.tolist() if isinstance(y_pred, (Tensor, np.ndarray)) else y_pred
+        for items in lists:
+            for item in np.asarray(list(items)).reshape(-1).tolist():
+                if item not in index and item not in missing and item != -1:
+                    missing[item] = len(pop) + len(missing)
+        if missing:
+            index = {**index, **missing}
+            pop = torch.cat([pop, torch.zeros(len(missing), dtype=pop.dtype)])
+    info = -torch.log2(pop.clamp(min=1e-10))
+    rows = _ranked_rows(y_pred, index, len(pop), "item_popularity")
+    out = {}
+    for k in ks:
+        sel = rows[:, :k]
+        mask = sel >= 0
+        n = mask.sum(1)
+        per_user = (info[sel.clamp(min=0)] * mask).sum(1) / n.clamp(min=1)
+        keep = n > 0
+        out[f"novelty@{k}"] = float(per_user[keep].mean()) if bool(keep.any()) else math.nan
+    return out
 
 
 # --------------------------------------------------------------------------- Metric classes
