@@ -340,3 +340,31 @@ def test_columns_the_model_does_not_read_may_hold_anything(tmp_path):
     bad = dict(x, a=np.where(np.arange(64) == 5, 10, x["a"]))
     with pytest.raises(ValueError, match="'a' in evaluation data has id 10"):
         trainer.evaluate(model, DataLoader(RowDataset(bad, y), batch_size=16))
+
+
+# ----------------------------------------------------------------------------- hand-written loops
+def test_early_stopper_decides_as_torch_rechub_and_keeps_the_best_weights():
+    from rechub_lightning.callbacks import EarlyStopper
+
+    scores = [0.61, 0.65, 0.64, 0.66, 0.66, 0.63, 0.62, 0.67]
+    model = torch.nn.Linear(3, 1)
+    ours, decisions, best = EarlyStopper(patience=2), [], None
+    for s in scores:
+        with torch.no_grad():
+            model.weight.fill_(s)  # weights that record the score they were measured with
+        decisions.append(ours.stop_training(s, model.state_dict()))
+        if decisions[-1]:
+            break
+    # by hand: best 0.61, 0.65, (0.64: 1), 0.66, (0.66 equal: 1), (0.63: stop)
+    assert decisions == [False, False, False, False, False, True]
+    assert ours.best_auc == 0.66 and float(ours.best_weights["weight"][0, 0]) == pytest.approx(0.66)
+    with torch.no_grad():
+        model.weight.zero_()
+    assert float(ours.best_weights["weight"][0, 0]) == pytest.approx(0.66)  # a copy, not a view
+    low = EarlyStopper(patience=1, mode="min")
+    assert [low.stop_training(v, {}) for v in (0.5, 0.4, float("nan"))] == [False, False, True]  # NaN never improves
+    with pytest.raises(ValueError, match="mode"):
+        EarlyStopper(2, mode="auc")
+    ref = pytest.importorskip("torch_rechub.basic.callback")
+    theirs = ref.EarlyStopper(patience=2)
+    assert [theirs.stop_training(s, {}) for s in scores[:6]] == decisions
