@@ -22,12 +22,15 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
 import numpy as np
+import pandas as pd
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
@@ -338,12 +341,28 @@ def _to_padded(rows: RelevantLike, name: str, device: torch.device | None = None
         if rows.dim() != 2:
             raise ValueError(f"{name} must be a 2-d tensor (users, items), got shape {tuple(rows.shape)}")
         return rows.long().to(device) if device is not None else rows.long()
-    lists = [torch.as_tensor(list(r) if isinstance(r, (set, frozenset)) else r, dtype=torch.long).flatten() for r in rows]
-    width = max((len(r) for r in lists), default=0)
-    out = torch.full((len(lists), width), -1, dtype=torch.long)
-    for i, r in enumerate(lists):
-        out[i, : len(r)] = r
-    return out.to(device) if device is not None else out
+    lists = [_as_list(r) for r in rows]
+    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lengths.sum()))
+    return _pad_flat(flat, lengths, device)
+
+
+def _as_list(items: Any) -> list[Any]:
+    """One user's items as a flat list (lists pass through untouched)."""
+    if isinstance(items, list):
+        return items
+    if isinstance(items, (Tensor, np.ndarray)):
+        return items.reshape(-1).tolist()
+    return list(items)
+
+
+def _pad_flat(flat: np.ndarray, lengths: np.ndarray, device: torch.device | None = None) -> Tensor:
+    """Rows of ``lengths`` items taken in order from ``flat``, padded with -1 into a (U, M) tensor."""
+    width = int(lengths.max()) if len(lengths) else 0
+    out = np.full((len(lengths), width), -1, dtype=np.int64)
+    out[np.arange(width) < lengths[:, None]] = flat  # row-major: each row's items in order
+    t = torch.from_numpy(out)
+    return t.to(device) if device is not None else t
 
 
 def _check_ks(ks: Sequence[int] | int) -> tuple[int, ...]:
@@ -483,8 +502,8 @@ def topk_metrics(
         missing = [u for u in y_true if u not in y_pred]
         if missing:
             raise KeyError(f"y_pred has no recommendations for user {missing[0]!r} of y_true ({len(missing)} user(s) missing)")
-        topk_items = [np.asarray(y_pred[u]).reshape(-1).tolist() for u in y_true]
-        relevant = [np.asarray(y_true[u]).reshape(-1).tolist() for u in y_true]
+        topk_items = [_as_list(y_pred[u]) for u in y_true]
+        relevant = [_as_list(y_true[u]) for u in y_true]
         ks = topKs if topKs is not None else (ks if ks is not None else [5])
     elif topKs is not None:
         ks = topKs
@@ -536,7 +555,7 @@ def _ranked_rows(y_pred: Any, index: Mapping[Any, int] | None, n_rows: int, what
     it (a table given as a dict) ids are looked up in it. Ids without a row are an error.
     """
     if isinstance(y_pred, Mapping):
-        lists: list[Any] | None = [np.asarray(v).reshape(-1).tolist() for v in y_pred.values()]
+        lists: list[Any] | None = [_as_list(v) for v in y_pred.values()]
     elif isinstance(y_pred, (Tensor, np.ndarray)):
         t = torch.as_tensor(y_pred)
         if t.dim() != 2:
@@ -544,22 +563,20 @@ def _ranked_rows(y_pred: Any, index: Mapping[Any, int] | None, n_rows: int, what
         lists = t.tolist() if index is not None else None
         rows = None if index is not None else t.long()
     else:
-        lists = [np.asarray(list(r) if isinstance(r, (set, frozenset)) else r).reshape(-1).tolist() for r in y_pred]
+        lists = [_as_list(r) for r in y_pred]
     if lists is not None:
-        if index is not None:
-            mapped = []
-            for items in lists:
-                row = []
-                for item in items:
-                    if item in index:
-                        row.append(index[item])
-                    elif isinstance(item, (int, np.integer)) and item == -1:
-                        row.append(-1)
-                    else:
-                        raise ValueError(f"recommended item {item!r} has no entry in {what}")
-                mapped.append(row)
-            lists = mapped
-        rows = _to_padded(lists, "y_pred")
+        if index is not None:  # look every id up at once; -1 pads
+            lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+            flat = list(itertools.chain.from_iterable(lists))
+            codes = pd.Index(list(index)).get_indexer(np.asarray(flat)) if flat else np.zeros(0, dtype=np.int64)
+            keys = np.asarray(list(index.values()), dtype=np.int64)
+            mapped = np.where(codes >= 0, keys[codes], -1)
+            for j in np.flatnonzero(codes < 0):
+                if not (isinstance(flat[j], (int, np.integer)) and flat[j] == -1):
+                    raise ValueError(f"recommended item {flat[j]!r} has no entry in {what}")
+            rows = _pad_flat(mapped, lengths)
+        else:
+            rows = _to_padded(lists, "y_pred")
     assert rows is not None
     bad = (rows >= n_rows) | (rows < -1)
     if bool(bad.any()):
@@ -590,7 +607,7 @@ def diversity_score(
     ks: Sequence[int] | int | None = None,
     *,
     topKs: Sequence[int] | int | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int = 16384,
 ) -> dict[str, float]:
     """Intra-list diversity: the mean pairwise cosine distance ``1 - cos(e_i, e_j)`` between the
     items of a user's top ``k``, averaged over users with at least two items there.
@@ -600,7 +617,7 @@ def diversity_score(
             or Torch-RecHub's ``{user: items}`` dict.
         item_embeddings: ``(N, D)`` tensor/array indexed by item id, or ``{item: vector}``.
         ks / topKs: cut-offs (default ``[5]`` for a dict, else ``(5, 10, 20)``).
-        chunk_size: users scored at once (memory ``chunk_size * k * D``).
+        chunk_size: users scored at once (memory ``chunk_size * (k + D)``).
 
     Returns:
         ``{"diversity@k": float}``; ``nan`` when no user has two items. Computed as
@@ -616,6 +633,7 @@ def diversity_score(
     if table.dim() != 2:
         raise ValueError(f"item_embeddings must be 2-d (items, dim), got shape {tuple(table.shape)}")
     unit = table / table.norm(dim=1, keepdim=True).clamp(min=1e-10)
+    sq_norm = unit.pow(2).sum(1)  # 1, or 0 for a zero embedding
     rows = _ranked_rows(y_pred, index, len(table), "item_embeddings")
     out = {}
     for k in ks:
@@ -624,10 +642,12 @@ def diversity_score(
         for s in range(0, len(sel), chunk_size):
             part = sel[s : s + chunk_size]
             mask = part >= 0
-            v = unit[part.clamp(min=0)] * mask.unsqueeze(-1)
+            idx, w = part.clamp(min=0), mask.to(unit.dtype)
+            # sum of each list's unit vectors without a (users, k, dim) copy
+            v_sum = F.embedding_bag(idx, unit, per_sample_weights=w, mode="sum")
             n = mask.sum(1).double()
             pairs = n * (n - 1) / 2
-            sim = (v.sum(1).pow(2).sum(1) - v.pow(2).sum((1, 2))) / 2
+            sim = (v_sum.pow(2).sum(1) - (sq_norm[idx] * w).sum(1)) / 2
             keep = n >= 2
             total += float(((pairs - sim)[keep] / pairs[keep]).sum())
             users += int(keep.sum())
@@ -703,7 +723,7 @@ def novelty_score(
         missing = {}
         lists = y_pred.values() if isinstance(y_pred, Mapping) else y_pred.tolist() if isinstance(y_pred, (Tensor, np.ndarray)) else y_pred
         for items in lists:
-            for item in np.asarray(list(items)).reshape(-1).tolist():
+            for item in _as_list(items):
                 if item not in index and item not in missing and item != -1:
                     missing[item] = len(pop) + len(missing)
         if missing:
