@@ -368,3 +368,28 @@ def test_early_stopper_decides_as_torch_rechub_and_keeps_the_best_weights():
     ref = pytest.importorskip("torch_rechub.basic.callback")
     theirs = ref.EarlyStopper(patience=2)
     assert [theirs.stop_training(s, {}) for s in scores[:6]] == decisions
+
+
+def test_prediction_reads_no_labels_of_a_reference_style_dataset(tmp_path):
+    """Prediction checks features only: labels it never reads (here raw strings) are not converted."""
+    x, _ = ctr_columns(40)
+    feats = [SparseFeature("a", 10, embed_dim=4), SparseFeature("b", 12, embed_dim=4)]
+    model = DeepFM(feats + [DenseFeature("d")], feats, {"dims": [8]})
+    trainer = CTRTrainer(model, model_path=str(tmp_path), trainer_kwargs=quiet_trainer_kwargs())
+
+    class RowDataset(torch.utils.data.Dataset):  # Torch-RecHub's TorchDataset: arrays kept as given
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __getitem__(self, i):
+            return {k: v[i] for k, v in self.x.items()}, self.y[i]
+
+        def __len__(self):
+            return len(self.y)
+
+    raw = np.array(["click", "no click"] * 20, dtype=object)
+    preds = trainer.predict(model, DataLoader(RowDataset(x, raw), batch_size=16))
+    assert len(preds) == 40
+    bad = dict(x, a=np.where(np.arange(40) == 3, 10, x["a"]))  # the features are still checked
+    with pytest.raises(ValueError, match="'a' in prediction data has id 10"):
+        trainer.predict(model, DataLoader(RowDataset(bad, raw), batch_size=16))

@@ -269,7 +269,7 @@ class MatchTrainer(_FacadeBase):
         return topk_metrics(top.cpu(), relevant if isinstance(relevant, list) else relevant.cpu(), ks=ks)
 
     @torch.no_grad()
-    def _scores(self, model: nn.Module, data_loader: Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _scores(self, model: nn.Module, data_loader: Iterable[Any], targets_too: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         model.to(self.device)
         was_training = model.training
         model.eval()
@@ -283,7 +283,7 @@ class MatchTrainer(_FacadeBase):
                     out = out[0]
                 p = out.reshape(-1).float() if out.dim() <= 1 or out.shape[-1] == 1 else out.float()
                 preds.append(torch.sigmoid(p) if logits and p.dim() == 1 else p)
-                if y is not None:
+                if y is not None and targets_too:
                     targets.append(y.reshape(-1).float())
         finally:
             model.train(was_training)
@@ -293,5 +293,5 @@ class MatchTrainer(_FacadeBase):
     def predict(self, model: nn.Module, data_loader: Iterable[Any]) -> list[Any]:
         """The model's scores for every row, in loader order (probabilities for point-wise logits)."""
         self._check_loader(data_loader, "prediction", labels=False, model=model)
-        preds, _ = self._scores(model, data_loader)
+        preds, _ = self._scores(model, data_loader, targets_too=False)
         return preds.cpu().tolist()

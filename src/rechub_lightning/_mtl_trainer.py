@@ -181,7 +181,7 @@ class MTLTrainer(_FacadeBase):
         return means.tolist()
 
     @torch.no_grad()
-    def _outputs(self, model: nn.Module, data_loader: Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _outputs(self, model: nn.Module, data_loader: Iterable[Any], targets_too: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         model.to(self.device)
         was_training = model.training
         model.eval()
@@ -190,7 +190,7 @@ class MTLTrainer(_FacadeBase):
             for batch in data_loader:
                 x, y = split_batch(_to_device(batch, self.device))
                 preds.append(self.module.predictions(model(x)).cpu())
-                if y is not None:
+                if y is not None and targets_too:
                     targets.append(torch.as_tensor(y).float().cpu())
         finally:
             model.train(was_training)
@@ -208,5 +208,5 @@ class MTLTrainer(_FacadeBase):
     def predict(self, model: nn.Module, data_loader: Iterable[Any]) -> list[list[float]]:
         """Per row, the probability (classification) or value (regression) of every task."""
         self._check_loader(data_loader, "prediction", labels=False, model=model)
-        preds, _ = self._outputs(model, data_loader)
+        preds, _ = self._outputs(model, data_loader, targets_too=False)
         return preds.tolist()

@@ -389,7 +389,7 @@ class CTRTrainer(_FacadeBase):
         return self._train_loop(data_loader, log_interval, self.module.compute_loss)
 
     @torch.no_grad()
-    def _scores(self, model: nn.Module, data_loader: Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _scores(self, model: nn.Module, data_loader: Iterable[Any], targets_too: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         model.to(self.device)
         was_training = model.training
         model.eval()
@@ -403,7 +403,7 @@ class CTRTrainer(_FacadeBase):
                     out = out[0]
                 p = out.reshape(-1).float()
                 preds.append(torch.sigmoid(p) if logits else p)
-                if y is not None:
+                if y is not None and targets_too:
                     targets.append(y.reshape(-1).float())
         finally:
             model.train(was_training)
@@ -421,7 +421,7 @@ class CTRTrainer(_FacadeBase):
     def predict(self, model: nn.Module, data_loader: Iterable[Any]) -> list[float]:
         """Click probabilities, one per row, in loader order."""
         self._check_loader(data_loader, "prediction", labels=False, model=model)
-        preds, _ = self._scores(model, data_loader)
+        preds, _ = self._scores(model, data_loader, targets_too=False)
         return preds.cpu().tolist()
 
 

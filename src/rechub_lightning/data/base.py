@@ -97,14 +97,16 @@ def validate_batch_tensors(x: Mapping[str, torch.Tensor], schema: FeatureSchema,
                 raise ValueError(f"dense feature {f.name!r} in {where} data has {n} NaN/inf value(s)")
 
 
-def loader_columns(loader: Any, names: Sequence[str] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None] | None:
+def loader_columns(
+    loader: Any, names: Sequence[str] | None = None, labels: bool = True
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None] | None:
     """The whole columns behind ``loader``, when its dataset exposes them.
 
     Our :class:`TensorDictDataset` and any dataset holding a dict of arrays as ``x`` (and
     labels as ``y``), such as Torch-RecHub's ``TorchDataset``/``PredictDataset``, whose
     columns are converted (only ``names`` of them when given: other columns may hold
-    anything the model does not read). ``None`` for anything else (an iterable, a streaming
-    or per-row dataset of another shape).
+    anything the model does not read; labels only with ``labels``). ``None`` for anything
+    else (an iterable, a streaming or per-row dataset of another shape).
     """
     ds = getattr(loader, "dataset", None)
     if isinstance(ds, TensorDictDataset):
@@ -114,7 +116,7 @@ def loader_columns(loader: Any, names: Sequence[str] | None = None) -> tuple[dic
         return None
     y = getattr(ds, "y", None)
     cols = {k: to_tensor(v, k) for k, v in x.items() if names is None or k in names}
-    return cols, (None if y is None else to_tensor(y, "label").float())
+    return cols, (None if y is None or not labels else to_tensor(y, "label").float())
 
 
 def validate_labels(y: torch.Tensor, task_types: Sequence[str], where: str, binary: bool) -> None:
@@ -182,7 +184,7 @@ def validate_loader(
     )
     if key in _checked(ds):
         return True
-    cols = loader_columns(loader, [] if features is None else [f.name for f in features])
+    cols = loader_columns(loader, [] if features is None else [f.name for f in features], labels=task_types is not None)
     if cols is None:
         return False
     x, y = cols
