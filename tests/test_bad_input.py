@@ -260,7 +260,7 @@ def test_checked_data_is_read_once(monkeypatch):
 
     reads = []
     orig = base.loader_columns
-    monkeypatch.setattr(base, "loader_columns", lambda loader, names=None: reads.append(id(loader.dataset)) or orig(loader, names))
+    monkeypatch.setattr(base, "loader_columns", lambda loader, *a, **k: reads.append(id(loader.dataset)) or orig(loader, *a, **k))
     from rechub_lightning import CTRTrainer
     from rechub_lightning.data import DataGenerator
 
