@@ -13,6 +13,7 @@ from rechub_lightning.data import MatchDataModule  # noqa: E402
 from rechub_lightning.export import dummy_inputs, export_onnx, model_features  # noqa: E402
 from rechub_lightning.models.matching import (  # noqa: E402
     DSSM,
+    DSSMSENet,
     GRU4Rec,
     MIND,
     NARM,
@@ -65,6 +66,7 @@ P = {"dims": [16, 8]}
 L = 8  # the fixture's seq_max_len
 MATCH_MODELS = {
     "DSSM": lambda s: DSSM(user_params=P, item_params=P, temperature=0.1, schema=s),
+    "DSSMSENet": lambda s: DSSMSENet(user_params=P, item_params=P, temperature=0.1, schema=s),
     "FaceBookDSSM": lambda s: FaceBookDSSM(user_params=P, item_params=P, schema=s),
     "YoutubeDNN": lambda s: YoutubeDNN(user_params=P, schema=s),
     "YoutubeSBC": lambda s: YoutubeSBC(user_params=P, item_params=P, n_neg=3, schema=s),

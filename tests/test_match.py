@@ -21,7 +21,7 @@ from rechub_lightning.data.match import SEEN_ITEMS_KEY, MatchDataModule
 from rechub_lightning.losses import masked_fill_value
 from rechub_lightning.metrics import topk_metrics
 from rechub_lightning.models.base import RecModel
-from rechub_lightning.models.matching import DSSM, GRU4Rec, NARM, SASRec, STAMP, FaceBookDSSM, YoutubeDNN, YoutubeSBC
+from rechub_lightning.models.matching import DSSM, DSSMSENet, GRU4Rec, NARM, SASRec, STAMP, FaceBookDSSM, YoutubeDNN, YoutubeSBC
 from rechub_lightning.modules.match import MatchModule, in_batch_logits
 
 SMALL = dict(synthetic_users=80, synthetic_items=150, synthetic_interactions=(8, 16), seq_max_len=10, batch_size=64, embed_dim=8)
@@ -205,6 +205,7 @@ def dms():
 
 BUILD = {
     "DSSM": lambda s: DSSM(user_params=P, item_params=P, temperature=0.1, schema=s),
+    "DSSMSENet": lambda s: DSSMSENet(user_params=P, item_params=P, temperature=0.1, schema=s),
     "FaceBookDSSM": lambda s: FaceBookDSSM(user_params=P, item_params=P, temperature=0.1, schema=s),
     "YoutubeDNN": lambda s: YoutubeDNN(user_params=P, temperature=0.1, schema=s),
     "YoutubeSBC": lambda s: YoutubeSBC(user_params=P, item_params=P, n_neg=5, schema=s),

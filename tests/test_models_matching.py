@@ -13,6 +13,7 @@ from rechub_lightning.features import DenseFeature, FeatureSchema, SequenceFeatu
 from rechub_lightning.models.base import build_model, model_spec, returns_logits
 from rechub_lightning.models.matching import (
     DSSM,
+    DSSMSENet,
     GRU4Rec,
     NARM,
     SASRec,
@@ -71,6 +72,7 @@ P = {"dims": [16, D]}
 
 BUILDERS = {
     "DSSM": lambda s: DSSM(user_params=P, item_params=P, temperature=0.1, schema=s),
+    "DSSMSENet": lambda s: DSSMSENet(user_params=P, item_params=P, temperature=0.1, reduction_ratio=1, schema=s),
     "FaceBookDSSM": lambda s: FaceBookDSSM(user_params=P, item_params=P, schema=s),
     "YoutubeDNN": lambda s: YoutubeDNN(user_params=P, schema=s),
     "YoutubeSBC": lambda s: YoutubeSBC(user_params=P, item_params=P, n_neg=3, schema=s),
@@ -139,7 +141,7 @@ def test_spec_roundtrip_rebuilds_same_function(name):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["DSSM", "YoutubeDNN", "GRU4Rec", "NARM", "STAMP", "SASRec"])
+@pytest.mark.parametrize("name", ["DSSM", "DSSMSENet", "YoutubeDNN", "GRU4Rec", "NARM", "STAMP", "SASRec"])
 def test_negatives_go_through_the_item_tower(name):
     """Column j of the list-wise logits equals the positive logit of a batch whose target is negative j."""
     model = _model(name).eval()
@@ -358,3 +360,54 @@ def test_narm_and_stamp_equal_reference_on_unpadded_sessions():
     no_item = STAMP(ohist, 0.05, 0.05).eval()
     no_item.load_state_dict(ours.state_dict())
     assert no_item(x).shape == (B, V)  # the reference's full softmax without an item feature
+
+
+@needs_reference
+def test_dssm_senet_equals_reference():
+    from torch_rechub.models.matching.dssm_senet import DSSM as RefDSSMSENet
+
+    user = [rf.SparseFeature("user_id", 20, D), rf.SparseFeature("gender", 3, D), rf.SparseFeature("age", 7, D)]
+    item = [rf.SparseFeature("movie_id", V, D), rf.SparseFeature("cate_id", 5, D)]
+    ou = [SparseFeature("user_id", 20, D), SparseFeature("gender", 3, D), SparseFeature("age", 7, D)]
+    oi = [SparseFeature("movie_id", V, D), SparseFeature("cate_id", 5, D)]
+    params = {"dims": [16, D], "activation": "relu"}
+    torch.manual_seed(0)
+    ref = RefDSSMSENet(user, item, params, params, temperature=0.2).eval()
+    ours = DSSMSENet(ou, oi, params, params, temperature=0.2, excitation="relu").eval()
+    _copy_tables(ours, ref.embedding, ["user_id", "gender", "age", "movie_id", "cate_id"])
+    for a, b in (("user_mlp", "user_mlp"), ("item_mlp", "item_mlp"), ("user_senet", "user_senet"), ("item_senet", "item_senet")):
+        _copy_in_order(getattr(ours, a), getattr(ref, b))
+    x = _full_batch()
+    x["age"] = torch.randint(0, 7, (B,), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(torch.sigmoid(ours(x)), ref(x))  # the reference applies its temperature here
+    for mode in ("user", "item"):
+        ref.mode, ours.mode = mode, mode
+        torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_dssm_senet_weights_every_field_and_takes_dense_features():
+    """A history sharing the item table is a field of its own (the reference left it out of
+    the field count and regrouped the flat embeddings into fields of the wrong width), and
+    dense features join the tower MLP (the reference's reshape failed on them)."""
+    schema = _schema(with_negatives=False)
+    model = DSSMSENet(user_params=P, item_params=P, schema=schema)
+    assert [f.name for f in model.user_fields] == ["user_id", "gender", "hist_movie_id"]
+    assert model.user_senet.mlp[0].in_features == 3
+    x = _batch()
+    relu = DSSMSENet(user_params=P, item_params=P, excitation="relu", schema=schema).eval()
+    with torch.no_grad():  # negative excitation weights: ReLU gates switch every user field off
+        relu.user_senet.mlp[2].weight.copy_(-relu.user_senet.mlp[2].weight.abs())
+        model.user_senet.mlp[2].weight.copy_(relu.user_senet.mlp[2].weight)
+    u = relu.user_tower(x)
+    assert torch.allclose(u, u[:1].expand_as(u))  # every user looks alike
+    u = model.eval().user_tower(x)
+    assert not torch.allclose(u, u[:1].expand_as(u))  # sigmoid gates (the default) stay open
+    dense = DSSMSENet([SparseFeature("user_id", 20, D), DenseFeature("score")], [SparseFeature("movie_id", V, D)], P, P)
+    dense.eval()
+    xd = {"user_id": x["user_id"], "score": torch.zeros(B), "movie_id": x["movie_id"]}
+    moved = dense.user_tower({**xd, "score": torch.full((B,), 3.0)})
+    assert dense(xd).shape == (B,) and not torch.allclose(dense.user_tower(xd), moved)  # the dense value is an input
+    with pytest.raises(ValueError, match="share one embed_dim"):
+        DSSMSENet([SparseFeature("user_id", 20, 8), SparseFeature("city", 4, 4)], [SparseFeature("movie_id", V, D)], P, P)
+    with pytest.raises(ValueError, match="reduction_ratio"):
+        DSSMSENet(user_params=P, item_params=P, reduction_ratio=0, schema=schema)

@@ -223,7 +223,7 @@ class EmbeddingLayer(nn.Module):
             )
         if not sparse_parts:
             raise ValueError(f"expected sparse or sequence features, got {list(features)}")
-        widths = {p.shape[-1] for p in sparse_parts}
+        widths = {f.embed_dim for f in features}  # static: ONNX tracing turns shapes into tensors
         if len(widths) > 1:
             raise ValueError(
                 f"features of different embed_dim {sorted(widths)} cannot be stacked; use squeeze_dim=True"

@@ -211,19 +211,25 @@ class SENETLayer(nn.Module):
     Args:
         num_fields: number of fields ``F``.
         reduction_ratio: bottleneck width is ``max(1, F // reduction_ratio)``.
+        excitation: the last activation: ``"relu"`` (FiBiNET: weights in ``[0, inf)``; a field
+            whose excitation is negative for every input is off for good, with no gradient to
+            bring it back) or ``"sigmoid"`` (the original SE block, Hu et al., CVPR'18: weights
+            in ``(0, 1)``, never off).
 
     Shape:
         ``(B, F, D) -> (B, F, D)``.
     """
 
-    def __init__(self, num_fields: int, reduction_ratio: int = 3) -> None:
+    def __init__(self, num_fields: int, reduction_ratio: int = 3, excitation: str = "relu") -> None:
         super().__init__()
+        if excitation not in ("relu", "sigmoid"):
+            raise ValueError(f"excitation must be 'relu' or 'sigmoid', got excitation={excitation!r}")
         reduced = max(1, int(num_fields / reduction_ratio))
         self.mlp = nn.Sequential(
             nn.Linear(num_fields, reduced, bias=False),
             nn.ReLU(),
             nn.Linear(reduced, num_fields, bias=False),
-            nn.ReLU(),
+            nn.ReLU() if excitation == "relu" else nn.Sigmoid(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from which the feature arguments default (groups ``"user"``, ``"item"``, ``"neg_
 
 from .comirec import ComirecDR, ComirecSA
 from .dssm import DSSM
+from .dssm_senet import DSSMSENet
 from .dssm_facebook import FaceBookDSSM
 from .gru4rec import GRU4Rec
 from .mind import MIND
@@ -21,6 +22,7 @@ from .youtube_sbc import YoutubeSBC
 
 __all__ = [
     "DSSM",
+    "DSSMSENet",
     "FaceBookDSSM",
     "YoutubeDNN",
     "YoutubeSBC",
