@@ -13,7 +13,7 @@ from lightning import Trainer
 from conftest import quiet_trainer_kwargs
 from rechub_lightning import CTRModule, DenseFeature, SequenceFeature, SparseFeature
 from rechub_lightning.data import CTRDataModule
-from rechub_lightning.layers import EmbeddingLayer
+from rechub_lightning.layers import EmbeddingLayer, SENETLayer
 from rechub_lightning.models.ranking import DCNv2, DeepFM
 
 MLP = {"dims": [8]}
@@ -79,6 +79,9 @@ CASES = [
     ("unknown model_structure", lambda: DCNv2([SparseFeature("s", 3, 4)], 2, MLP, model_structure="serial"), ValueError, "model_structure"),
     ("vocab_size 0", lambda: SparseFeature("city", 0), ValueError, "'city'"),
     ("unknown pooling", lambda: SequenceFeature("hist", 10, pooling="max"), ValueError, "pooling"),
+    ("unknown SENET excitation", lambda: SENETLayer(3, excitation="tanh"), ValueError, "excitation"),
+    ("DSSMSENet fields of two widths", lambda: __import__("rechub_lightning.models.matching", fromlist=["x"]).DSSMSENet(
+        [SparseFeature("user_id", 9, 8), SparseFeature("city", 4, 4)], [SparseFeature("item_id", 9, 8)]), ValueError, "'city': 4"),
     ("shared_with unknown feature", lambda: EmbeddingLayer([SequenceFeature("hist", 10, 4, shared_with="item")]), ValueError, "'item'"),
     ("sparse + embedding penalty", lambda: CTRModule(torch.nn.Linear(1, 1), sparse_embeddings=True, regularization_params={"embedding_l2": 1e-4}),
      ValueError, "embedding_l2"),
