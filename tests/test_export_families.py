@@ -103,3 +103,79 @@ def test_matching_towers(tmp_path, match_schema, name, tower):
         assert got.shape == expect.shape and got.shape[0] == batch
         np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
     assert getattr(model, "mode", None) is None
+
+
+# --------------------------------------------------------------------------- quantized ONNX
+def _trained_deepfm():
+    """A DeepFM fitted a few steps on a learnable rule, so its scores are not all ~0.5."""
+    from rechub_lightning.models.ranking import DeepFM
+
+    torch.manual_seed(0)
+    sparse = [SparseFeature(f"s{i}", 5000, 16) for i in range(4)]
+    model = DeepFM(sparse + [DenseFeature("d")], sparse, {"dims": [32, 16]})
+    x = dummy_inputs(model_features(model), batch_size=4096)
+    y = ((x["s0"] % 2 == 0) ^ (x["d"] > 0.5)).float()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+        opt.step()
+    return model.eval(), x, y
+
+
+def test_quantized_onnx_models_are_smaller_and_score_alike(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from rechub_lightning.export import quantize_model, quantize_onnx
+
+    model, x, y = _trained_deepfm()
+    fp32 = export_onnx(model, str(tmp_path / "deepfm.onnx"))
+    int8 = quantize_onnx(fp32, str(tmp_path / "q" / "deepfm.int8.onnx"))
+    fp16 = quantize_model(fp32, str(tmp_path / "deepfm.fp16.onnx"), mode="fp16")  # the reference's name
+    size = {p: __import__("os").path.getsize(p) for p in (fp32, int8, fp16)}
+    assert size[int8] < 0.35 * size[fp32]  # 8-bit embedding tables
+    assert size[fp16] < 0.55 * size[fp32]
+    with torch.no_grad():
+        expect = torch.sigmoid(model(x)).numpy()
+    auc = roc_auc_score(y.numpy(), expect)
+    assert auc > 0.9  # the model learned the rule: quantization error shows in the ranking
+    for path, tol, auc_tol in ((int8, 0.05, 0.01), (fp16, 5e-3, 1e-3)):
+        got = _run(path, x)
+        assert got.dtype == np.float32  # float32 in and out for both
+        assert np.abs(got - expect).max() < tol, path
+        assert abs(roc_auc_score(y.numpy(), got) - auc) < auc_tol, path
+    with pytest.raises(ValueError, match="mode"):
+        quantize_onnx(fp32, str(tmp_path / "x.onnx"), mode="int4")
+    with pytest.raises(ValueError, match="weight_type"):
+        quantize_onnx(fp32, str(tmp_path / "x.onnx"), weight_type="int8")
+
+
+# --------------------------------------------------------------------------- every ranking model
+def _ranking_models():
+    from rechub_lightning.data import CTRDataModule
+    from rechub_lightning.models import ranking as R
+
+    criteo = CTRDataModule(synthetic_rows=400, embed_dim=8).schema
+    amazon = CTRDataModule(synthetic="amazon", synthetic_rows=400, embed_dim=8).schema
+    seq = {"DIN", "DIEN", "BST"}
+    return {name: (getattr(R, name), amazon if name in seq else criteo) for name in R.__all__}
+
+
+@pytest.mark.parametrize("name", sorted(_ranking_models()))
+def test_every_ranking_model_exports(tmp_path, name):
+    """onnxruntime == PyTorch (eval mode) at two batch sizes; DIN/DIEN's Dice once failed to export."""
+    cls, schema = _ranking_models()[name]
+    torch.manual_seed(0)
+    model = cls(schema=schema)
+    x = dummy_inputs(model_features(model), batch_size=64, seq_length=10)
+    model.train()
+    with torch.no_grad():  # one training pass moves BatchNorm's running statistics off their init
+        model(x)
+    model.eval()
+    path = export_onnx(model, str(tmp_path / f"{name}.onnx"))
+    for batch in BATCHES:
+        xb = {k: v[:batch] for k, v in x.items()}
+        with torch.no_grad():
+            out = model(xb)
+            expect = torch.sigmoid(out[0] if isinstance(out, tuple) else out).numpy()
+        np.testing.assert_allclose(_run(path, xb).reshape(expect.shape), expect, rtol=1e-5, atol=1e-5)

@@ -621,3 +621,19 @@ def test_layers_equal_reference():
     ref_il, il = RL.InteractingLayer(6, 3).eval(), InteractingLayer(6, 3).eval()
     il.load_state_dict(ref_il.state_dict())
     torch.testing.assert_close(il(x), ref_il(x))
+
+
+def test_dice_inference_equals_its_batchnorm_inference():
+    """Eval-mode Dice writes BatchNorm's inference formula out (exportable to ONNX): same values."""
+    torch.manual_seed(0)
+    dice = Dice(6)
+    with torch.no_grad():
+        dice.alpha.fill_(0.3)
+    for _ in range(3):  # training batches move the running statistics
+        dice(torch.randn(32, 6) * 3 + 1)
+    dice.eval()
+    x = torch.randn(10, 4, 6)
+    z = dice.bn.eval()(x.reshape(-1, 6)).reshape(x.shape)
+    p = torch.sigmoid(z)
+    torch.testing.assert_close(dice(x), p * x + (1 - p) * 0.3 * x)
+    assert not torch.allclose(dice.bn.running_mean, torch.zeros(6))  # the statistics are not the init's

@@ -80,3 +80,21 @@ def test_onnx_roundtrip_from_cli(run, tmp_path):
             expect = torch.sigmoid(model(x)).numpy()
         assert got.shape == (batch,)
         assert np.abs(got - expect).max() < 1e-5
+
+
+def test_quantized_export_from_cli(run, tmp_path):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from rechub_lightning.cli import load_model_from_checkpoint
+    from rechub_lightning.export import dummy_inputs, model_features
+
+    _, best, _ = run
+    out = tmp_path / "q" / "m.int8.onnx"
+    main(["export", "--ckpt_path", best, "--output", str(out), "--quantize", "int8"])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.int8.onnx"]  # the float32 graph was temporary
+    model = load_model_from_checkpoint(best)
+    x = dummy_inputs(model_features(model), batch_size=64)
+    got = ort.InferenceSession(str(out)).run(None, {k: v.numpy() for k, v in x.items()})[0]
+    with torch.no_grad():
+        expect = torch.sigmoid(model(x)).numpy()
+    assert np.abs(got - expect).max() < 0.05

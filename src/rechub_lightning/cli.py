@@ -184,18 +184,32 @@ def load_model_from_checkpoint(ckpt_path: str) -> Any:
 
 
 def export_main(argv: list[str]) -> str:
-    """``rechub export --ckpt_path X --output model.onnx [--tower user|item]``."""
+    """``rechub export --ckpt_path X --output model.onnx [--tower user|item] [--quantize int8|fp16]``."""
     import argparse
+    import os
+    import tempfile
 
-    from .export import export_onnx
+    from .export import export_onnx, quantize_onnx
 
     p = argparse.ArgumentParser(prog="rechub export", description="Export a checkpoint's model (or tower) to ONNX.")
     p.add_argument("--ckpt_path", required=True)
     p.add_argument("--output", required=True, help="the .onnx file to write")
     p.add_argument("--tower", choices=["user", "item"], default=None, help="matching models: export one tower")
     p.add_argument("--opset_version", type=int, default=17)
+    p.add_argument(
+        "--quantize", choices=["int8", "fp16"], default=None,
+        help="write a quantized model: int8 (8-bit weights and embedding tables, CPU serving) or fp16 (GPU serving)",
+    )
     args = p.parse_args(argv)
-    path = export_onnx(load_model_from_checkpoint(args.ckpt_path), args.output, tower=args.tower, opset_version=args.opset_version)
+    model = load_model_from_checkpoint(args.ckpt_path)
+    if args.quantize is None:
+        path = export_onnx(model, args.output, tower=args.tower, opset_version=args.opset_version)
+    else:
+        out_dir = os.path.dirname(os.path.abspath(args.output))
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            fp32 = export_onnx(model, os.path.join(tmp, "float32.onnx"), tower=args.tower, opset_version=args.opset_version)
+            path = quantize_onnx(fp32, args.output, mode=args.quantize)
     log.info(f"Wrote {path}")
     return path
 

@@ -30,8 +30,11 @@ class Dice(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bn is not None:
-            shape = x.shape
-            z = self.bn(x.reshape(-1, shape[-1])).reshape(shape)
+            if self.training:
+                z = self.bn(x.reshape(-1, self.dim)).reshape(x.shape)
+            else:  # BatchNorm's inference formula, written out: ONNX export of batch_norm needs a
+                # channel count its shape inference loses after the reshapes
+                z = (x - self.bn.running_mean) / torch.sqrt(self.bn.running_var + self.bn.eps)
         else:  # width unknown at construction: per-row standardisation (reference behaviour)
             avg = x.mean(dim=-1, keepdim=True)
             var = ((x - avg) ** 2).mean(dim=-1, keepdim=True)
