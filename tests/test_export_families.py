@@ -179,3 +179,29 @@ def test_every_ranking_model_exports(tmp_path, name):
             out = model(xb)
             expect = torch.sigmoid(out[0] if isinstance(out, tuple) else out).numpy()
         np.testing.assert_allclose(_run(path, xb).reshape(expect.shape), expect, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- every multi-task model
+@pytest.mark.parametrize("name", ["SharedBottom", "MMOE", "PLE", "AITM", "ESMM"])
+def test_every_multi_task_model_exports(tmp_path, name):
+    """onnxruntime == MTLModule's predictions; ESMM's CTCVR logit once used aten::logaddexp,
+    which ONNX cannot express."""
+    from rechub_lightning.data import MTLDataModule
+    from rechub_lightning.models import multi_task as M
+
+    labels = {"labels": ["income", "marital status", "ctcvr"], "derived_labels": {"ctcvr": ["income", "marital status"]}}
+    dm = MTLDataModule(synthetic_rows=300, **(labels if name == "ESMM" else {}))
+    torch.manual_seed(0)
+    model = getattr(M, name)(schema=dm.schema, **({"user_features": "sparse"} if name == "ESMM" else {}))
+    x = dummy_inputs(model_features(model), batch_size=64)
+    with torch.no_grad():
+        model.train()(x)  # BatchNorm statistics off their init
+    model.eval()
+    path = export_onnx(model, str(tmp_path / f"{name}.onnx"))
+    for batch in BATCHES:
+        xb = {k: v[:batch] for k, v in x.items()}
+        with torch.no_grad():
+            logits = model(xb)
+        expect = torch.stack([torch.sigmoid(logits[:, i]) if t == "classification" else logits[:, i]
+                              for i, t in enumerate(model.task_types)], dim=1).numpy()
+        np.testing.assert_allclose(_run(path, xb), expect, rtol=1e-5, atol=1e-5)

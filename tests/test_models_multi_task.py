@@ -126,6 +126,19 @@ def test_ctcvr_logit_is_the_product_and_stable():
     assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
 
 
+def test_exportable_logaddexp_equals_torch_logaddexp():
+    from rechub_lightning.models.multi_task.esmm import _logaddexp
+
+    a = torch.tensor([-80.0, -3.0, 0.0, 0.5, 2.0, 90.0], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([-80.0, 1.0, 0.0, 0.5, -50.0, 89.0], dtype=torch.float64, requires_grad=True)
+    ours = _logaddexp(a, b)
+    ref = torch.logaddexp(a, b)
+    torch.testing.assert_close(ours, ref)
+    ga, gb = torch.autograd.grad(ours.sum(), (a, b))
+    ra, rb = torch.autograd.grad(ref.sum(), (a, b))
+    torch.testing.assert_close((ga, gb), (ra, rb))  # ties (a == b) included: 0.5 each
+
+
 def test_aitm_calibrator_penalises_later_steps_above_earlier_ones():
     d, s = _features()
     m = AITM(d + s, 3, EXPERT, [TOWER] * 3, calibrator_weight=0.5)

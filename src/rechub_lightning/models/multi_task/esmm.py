@@ -25,8 +25,13 @@ def ctcvr_logit(cvr_logit: torch.Tensor, ctr_logit: torch.Tensor) -> torch.Tenso
     and BCE-with-logits on the result equals BCE on the product, also when it saturates.
     """
     log_p = F.logsigmoid(cvr_logit) + F.logsigmoid(ctr_logit)
-    log_1mp = torch.logaddexp(F.logsigmoid(-ctr_logit), F.logsigmoid(ctr_logit) + F.logsigmoid(-cvr_logit))
+    log_1mp = _logaddexp(F.logsigmoid(-ctr_logit), F.logsigmoid(ctr_logit) + F.logsigmoid(-cvr_logit))
     return log_p - log_1mp
+
+
+def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.logaddexp`` written with ONNX-exportable operators (ONNX has no LogAddExp)."""
+    return torch.maximum(a, b) + torch.log1p(torch.exp(-(a - b).abs()))
 
 
 class ESMM(MultiTaskModel):
