@@ -381,7 +381,8 @@ class MatchModule(RecModule):
             return {"task_types": labels, "binary": False, "require_all": False, "required": required}
         if stage in ("val", "test"):
             has_corpus = self._corpus_override is not None or getattr(self._datamodule(), "item_corpus", None) is not None
-            return {"task_types": None if has_corpus else ["classification"], "binary": True, "require_all": False}
+            auc_labels = not has_corpus and self._point_wise_labels()  # what the AUC fallback reads
+            return {"task_types": ["classification"] if auc_labels else None, "binary": True, "require_all": False}
         return {"task_types": None, "require_all": False}
 
     def on_fit_start(self) -> None:
