@@ -1,7 +1,7 @@
 """DeepFM on Criteo-shaped data: torch-rechub 0.9.0 vs rechub-lightning, side by side.
 
     python -m benchmarks.ctr                      # 500k rows, largest vocab 1e5 and 1e6
-    python -m benchmarks.ctr --rows 50000 --vocabs 10000 --quick
+    python -m benchmarks.ctr --rows 50000 --vocabs 10000      # a quick look
 
 Every variant runs in its own subprocess on identical arrays (same generator, same seed, same
 split), so peak RSS is per variant. Variants:
