@@ -232,8 +232,9 @@ def quantize_onnx(
 
     Every ranking and matching model of the zoo converts in both modes (their scores stay
     within 0.02 (INT8) and 2e-3 (fp16) of the float32 graph's in our checks). Known issue:
-    ONNX Runtime 1.32's CPU graph optimizer at its default level (``ORT_ENABLE_ALL``) crashes
-    on NARM's float16 user tower; ``ORT_ENABLE_EXTENDED`` loads and runs it.
+    ONNX Runtime 1.32's CPU ``NchwcTransformer`` (on at the default optimization level)
+    crashes on NARM's float16 user tower; load that one with
+    ``InferenceSession(path, disabled_optimizers=["NchwcTransformer"])``.
 
     Raises:
         ValueError: an unknown ``mode`` or ``weight_type``.
