@@ -393,3 +393,17 @@ def test_prediction_reads_no_labels_of_a_reference_style_dataset(tmp_path):
     bad = dict(x, a=np.where(np.arange(40) == 3, 10, x["a"]))  # the features are still checked
     with pytest.raises(ValueError, match="'a' in prediction data has id 10"):
         trainer.predict(model, DataLoader(RowDataset(bad, raw), batch_size=16))
+
+
+def test_topk_metrics_takes_raw_string_ids_like_the_reference():
+    y_true = {"u1": ["tt01", "tt02"], "u2": ["tt03"], "u3": ["tt09"]}
+    y_pred = {"u1": ["tt01", "tt05", "tt06"], "u2": ["tt07", "tt08", "tt03"], "u3": ["tt04", "tt05", "tt06"]}
+    coded = {"tt01": 1, "tt02": 2, "tt03": 3, "tt04": 4, "tt05": 5, "tt06": 6, "tt07": 7, "tt08": 8, "tt09": 9}
+    as_ints = topk_metrics({u: [coded[i] for i in v] for u, v in y_true.items()},
+                           {u: [coded[i] for i in v] for u, v in y_pred.items()}, [1, 3])
+    assert topk_metrics(y_true, y_pred, [1, 3]) == as_ints
+    with pytest.raises(ValueError, match="integer item ids"):
+        topk_metrics([["a", "b"]], [["a"]], ks=[1])
+    ref = pytest.importorskip("torch_rechub.basic.metric")
+    expected = ref.topk_metrics(y_true, y_pred, [3])
+    assert as_ints["recall@3"] == pytest.approx(float(expected["Recall"][0].split(": ")[1]), abs=1e-4)

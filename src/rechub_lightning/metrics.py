@@ -343,8 +343,32 @@ def _to_padded(rows: RelevantLike, name: str, device: torch.device | None = None
         return rows.long().to(device) if device is not None else rows.long()
     lists = [_as_list(r) for r in rows]
     lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-    flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lengths.sum()))
+    try:
+        flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lengths.sum()))
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"{name} must hold integer item ids ({e}); for other ids use the {{user: items}} dict form"
+        ) from e
     return _pad_flat(flat, lengths, device)
+
+
+def _integer_ids(*groups: list[list[Any]]) -> tuple[list[list[Any]], ...]:
+    """Lists of item ids, with ids that are not integers (raw string ids, as Torch-RecHub's dict
+    form allows) replaced by integer codes shared by all the lists."""
+    flat = [item for lists in groups for items in lists for item in items]
+    if all(isinstance(item, (int, np.integer)) and not isinstance(item, bool) for item in flat):
+        return groups
+    codes, _ = pd.factorize(pd.Series(flat, dtype=object))
+    if (codes < 0).any():
+        raise ValueError(f"item ids must not be missing, found {flat[int(np.argmax(codes < 0))]!r}")
+    out, at = [], 0
+    for lists in groups:
+        coded = []
+        for items in lists:
+            coded.append(codes[at : at + len(items)].tolist())
+            at += len(items)
+        out.append(coded)
+    return tuple(out)
 
 
 def _as_list(items: Any) -> list[Any]:
@@ -504,6 +528,7 @@ def topk_metrics(
             raise KeyError(f"y_pred has no recommendations for user {missing[0]!r} of y_true ({len(missing)} user(s) missing)")
         topk_items = [_as_list(y_pred[u]) for u in y_true]
         relevant = [_as_list(y_true[u]) for u in y_true]
+        topk_items, relevant = _integer_ids(topk_items, relevant)
         ks = topKs if topKs is not None else (ks if ks is not None else [5])
     elif topKs is not None:
         ks = topKs
