@@ -500,3 +500,18 @@ def test_distributed_validation_equals_single_process(tmp_path):
         np.testing.assert_allclose(a[emb].to_numpy(), b[emb].to_numpy(), rtol=1e-5, atol=1e-6, err_msg=table)
     users = pd.read_csv(tmp_path / "single" / "user_embeddings.csv")
     assert users["row"].tolist() == list(range(len(users))) and users.iloc[:, 1].is_unique
+
+
+def test_small_temperature_in_point_wise_training_warns():
+    """Torch-RecHub's MovieLens DSSM example passes temperature=0.02 with mode=0; its DSSM ignored
+    the temperature, ours divides the logits by it, which saturates BCE: a warning says so."""
+    import warnings
+
+    user, item = [_feat("u")], [_feat("i")]
+    with pytest.warns(UserWarning, match=r"temperature=0.02\) trains point-wise"):
+        MatchModule(DSSM(user, item, P, P, temperature=0.02), mode=0).on_fit_start()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MatchModule(DSSM(user, item, P, P, temperature=1.0), mode=0).on_fit_start()
+        MatchModule(DSSM(user, item, P, P, temperature=0.02), mode=0, in_batch_neg=True).on_fit_start()
+        MatchModule(DSSM(user, item, P, P, temperature=0.02), mode=2).on_fit_start()

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ..data.match import SEEN_ITEMS_KEY
@@ -393,6 +393,7 @@ class MatchModule(RecModule):
                 f"MatchModule(mode={self.mode}) cannot train on samples built for mode={dm_mode} by "
                 f"{type(dm).__name__}: set the same mode on both (or in_batch_neg=True)"
             )
+        self._warn_point_wise_temperature()
         batch_size = getattr(dm, "batch_size", None)
         if self.in_batch_neg and self.in_batch_neg_ratio is not None and batch_size is not None:
             self._check_ratio(int(batch_size))
@@ -406,6 +407,19 @@ class MatchModule(RecModule):
                     f"MatchModule: in-batch negatives gathered from {self._world_size()} ranks "
                     "(each user scores against the global batch's items)"
                 )
+
+    def _warn_point_wise_temperature(self) -> None:
+        """A small temperature saturates point-wise BCE: say so (Torch-RecHub's DSSM ignored its
+        temperature, and its MovieLens example passes 0.02 with mode=0)."""
+        t = getattr(_unwrap(self.model), "temperature", None)
+        if self.in_batch_neg or self.mode != 0 or not self.logits_out or not isinstance(t, (int, float)) or t >= 0.1:
+            return
+        rank_zero_warn(
+            f"{type(_unwrap(self.model)).__name__}(temperature={t}) trains point-wise (mode=0): its logits are "
+            f"scores / {t}, up to +-{1 / t:.0f} for cosine scores, which saturates the sigmoid of BCE. Torch-RecHub's "
+            "DSSM ignored its temperature. Use temperature ~1 for point-wise training, or a softmax loss "
+            "(mode=2 or in_batch_neg=True), where a small temperature helps."
+        )
 
     def _world_size(self) -> int:
         """Processes taking part in the in-batch gather (1 without an initialised process group)."""
