@@ -213,3 +213,21 @@ def test_sparse_aware_clip_norm_matches_dense():
     n2 = torch.nn.utils.clip_grad_norm_([e2.weight], 0.1)
     assert float(n1) == pytest.approx(float(n2), rel=1e-5)
     assert torch.allclose(e1.weight.grad.to_dense(), e2.weight.grad, atol=1e-6)
+
+
+def test_step_loss_reaches_the_progress_bar_only_when_there_is_one(dm, monkeypatch):
+    """Progress-bar values become Python floats after every step (a host-device sync on a GPU):
+    without a bar, no step value is converted; with one, the loss is shown."""
+    import lightning.pytorch.trainer.connectors.logger_connector.result as result
+
+    conversions = []
+    orig = result.convert_tensors_to_scalars
+    monkeypatch.setattr(result, "convert_tensors_to_scalars", lambda v: conversions.append(1) or orig(v))
+    for bar in (False, True):
+        conversions.clear()
+        trainer = Trainer(max_epochs=1, limit_train_batches=5, limit_val_batches=0,
+                          **quiet_trainer_kwargs(enable_progress_bar=bar, enable_checkpointing=False))
+        trainer.fit(CTRModule(DeepFM(schema=dm.schema, mlp_params={"dims": [8]})), dm)
+        assert ("train/loss_step" in trainer.progress_bar_metrics) is bar
+        assert "train/loss_step" in trainer.callback_metrics or "train/loss" in trainer.callback_metrics
+        assert (len(conversions) >= 5) is bar  # one conversion per step with a bar, none without

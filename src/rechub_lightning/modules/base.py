@@ -244,6 +244,15 @@ class RecModule(L.LightningModule):
                 f"BatchNorm layers, which cannot train on one row; change batch_size (e.g. {bs + 1})"
             )
 
+    @property
+    def loss_on_progress_bar(self) -> bool:
+        """Whether the step loss goes to the progress bar: only when there is one. Lightning turns
+        progress-bar values into Python floats after every step, a host-device synchronisation
+        that stalls an asynchronous GPU pipeline; without a bar (cluster jobs, benchmarks) the
+        loss stays a tensor until a logger writes it (every ``log_every_n_steps``)."""
+        trainer = self._trainer
+        return trainer is not None and trainer.progress_bar_callback is not None
+
     # ------------------------------------------------------------------ input checks
     def loader_checks(self, stage: str) -> dict[str, Any]:
         """What :func:`~rechub_lightning.data.base.validate_loader` checks in ``stage``'s loaders.

@@ -118,7 +118,7 @@ class CTRModule(RecModule):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=self._bs(batch))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=self.loss_on_progress_bar, batch_size=self._bs(batch))
         return loss
 
     def _eval_step(self, batch: Any, stage: str) -> None:

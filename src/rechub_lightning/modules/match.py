@@ -576,7 +576,7 @@ class MatchModule(RecModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)
         x, _ = split_batch(batch)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(next(iter(x.values()))))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=self.loss_on_progress_bar, batch_size=len(next(iter(x.values()))))
         return loss
 
     # ------------------------------------------------------------------ embeddings

@@ -482,7 +482,7 @@ class MTLModule(RecModule):
         self._epoch_loss_sum = values if self._epoch_loss_sum is None else self._epoch_loss_sum + values
         self._epoch_batches += 1
         bs = out.shape[0]
-        self.log("train/loss", total.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("train/loss", total.detach(), on_step=True, on_epoch=True, prog_bar=self.loss_on_progress_bar, batch_size=bs, sync_dist=True)
         for i, loss in enumerate(losses):
             self.log(f"train/task_{i}_loss", loss.detach(), on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         return total
