@@ -515,3 +515,37 @@ def test_small_temperature_in_point_wise_training_warns():
         MatchModule(DSSM(user, item, P, P, temperature=1.0), mode=0).on_fit_start()
         MatchModule(DSSM(user, item, P, P, temperature=0.02), mode=0, in_batch_neg=True).on_fit_start()
         MatchModule(DSSM(user, item, P, P, temperature=0.02), mode=2).on_fit_start()
+
+
+def test_label_checks_run_once_per_fit_not_per_step(monkeypatch):
+    """Per-batch label checks are host-device syncs on a GPU: a fit looks at the whole training
+    label column once; list-wise labels that are not all 0 are still checked batch by batch."""
+    from lightning import Trainer
+
+    from conftest import quiet_trainer_kwargs
+    from rechub_lightning.data import TensorDictDataset
+
+    from lightning.pytorch.callbacks import Callback
+
+    dm = MatchDataModule(mode=2, neg_ratio=3, **SMALL)
+    syncs, in_step = [], [False]
+    orig = torch.Tensor.__int__
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: (in_step[0] and syncs.append(1)) or orig(t))
+
+    class Steps(Callback):
+        def on_train_batch_start(self, *args):
+            in_step[0] = True
+
+        def on_train_batch_end(self, *args):
+            in_step[0] = False
+
+    module = MatchModule(YoutubeDNN(user_params=P, schema=dm.schema), mode=2)
+    Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=0, callbacks=[Steps()],
+            **quiet_trainer_kwargs(enable_checkpointing=False)).fit(module, dm)
+    assert module._train_labels is None and not syncs  # all-zero labels: no per-step min/max
+    ds = dm.dataset("train")
+    bad = TensorDictDataset(ds.x, torch.where(torch.arange(len(ds)) == 3, 9, 0).float())  # 9 >= 1 + 3 logits
+    loader = torch.utils.data.DataLoader(bad, batch_size=64)
+    with pytest.raises(ValueError, match="mode=2 targets must index the 4 logits"):
+        Trainer(max_epochs=1, **quiet_trainer_kwargs(enable_checkpointing=False)).fit(
+            MatchModule(YoutubeDNN(user_params=P, schema=dm.schema), mode=2), loader)

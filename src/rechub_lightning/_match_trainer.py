@@ -158,6 +158,7 @@ class MatchTrainer(_FacadeBase):
 
     def train_one_epoch(self, data_loader: Iterable[Any], log_interval: int = 10) -> float:
         """One pass over ``data_loader`` (the optimizer persists across calls); returns the mean loss."""
+        self.module._train_labels = None  # nothing known about this loader's labels: check every batch
         return self._train_loop(data_loader, log_interval, self.module.compute_loss)
 
     # ------------------------------------------------------------------ inference

@@ -455,9 +455,10 @@ class GradNorm(_ManualWeighting):
             # Reduce where the losses live (NCCL needs CUDA tensors), keep the state on the buffers' device.
             values = torch.stack([x.detach().float() for x in losses])
             values = _reduce_tensors([values], reduce_fn)[0].to(self.task_weights.device)
-            if not bool(self.initialized):
-                self.initial_losses.copy_(values)
-                self.initialized.fill_(True)
+            # first step: remember L_i(0); written without reading the flag on the host (a
+            # device sync per step on a GPU)
+            self.initial_losses.copy_(torch.where(self.initialized, self.initial_losses, values))
+            self.initialized.fill_(True)
 
         grad_norms = []
         for loss in losses:
@@ -489,11 +490,12 @@ class GradNorm(_ManualWeighting):
     def _adam_update(self, grad: Tensor) -> None:
         beta1, beta2 = self.betas
         self.adam_steps += 1
-        t = int(self.adam_steps)
+        t = self.adam_steps.to(torch.float32)  # bias corrections as tensors: no host sync
         self.exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
         self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (self.exp_avg_sq / (1 - beta2**t)).sqrt_().add_(self.eps)
-        new = self.task_weights - self.lr * (self.exp_avg / (1 - beta1**t)) / denom
+        bc1, bc2 = (1 - beta1**t).to(grad.dtype), (1 - beta2**t).to(grad.dtype)
+        denom = (self.exp_avg_sq / bc2).sqrt_().add_(self.eps)
+        new = self.task_weights - self.lr * (self.exp_avg / bc1) / denom
         new = new.clamp_min(self.min_weight)
         self.task_weights.copy_(new * (self.n_tasks / new.sum()))
 
@@ -607,7 +609,6 @@ class MetaBalance(_ManualWeighting):
             scalable = present & present[:, t : t + 1] & (ema > 0) & (ema[:, t : t + 1] > 0)
             factor = torch.where(scalable, ema[:, t : t + 1] / ema.where(ema > 0, torch.ones_like(ema)) * r + (1 - r), 1.0)
             factor[:, t] = 1.0
-            factor_host = factor.tolist()
 
             shared_grads: list[Tensor | None] = []
             for k in range(n_shared):
@@ -616,7 +617,7 @@ class MetaBalance(_ManualWeighting):
                     g = per_task[i][k]
                     if g is None:
                         continue
-                    g = g.detach() if factor_host[k][i] == 1.0 else g.detach() * factor_host[k][i]
+                    g = g.detach() * factor[k, i].to(device=g.device, dtype=g.dtype)  # no host read of the factors
                     acc = g if acc is None else acc + g
                 shared_grads.append(acc)
         self._set_grads(shared, shared_grads)
@@ -666,11 +667,14 @@ class PCGrad(_ManualWeighting):
         for i in range(n_tasks):
             g = projected[i]
             for j in torch.randperm(n_tasks, generator=generator).tolist():
-                if j == i or float(sq_norms[j]) == 0.0:
+                if j == i:
                     continue
                 dot = torch.dot(g, flat_grads[j])
-                if float(dot) < 0:
-                    g.sub_(flat_grads[j], alpha=float(dot / sq_norms[j]))
+                # project only on a conflict with a non-zero g_j; decided on the device (reading
+                # dot or the norm on the host would synchronise a GPU at every pair)
+                conflict = (dot < 0) & (sq_norms[j] > 0)
+                coef = torch.where(conflict, dot / sq_norms[j].clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(dot))
+                g.sub_(flat_grads[j] * coef)
         return projected
 
     def step(

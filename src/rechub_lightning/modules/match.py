@@ -317,6 +317,10 @@ class MatchModule(RecModule):
         self._corpus_override: dict[str, torch.Tensor] | None = None
         self._corpus: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._eval_kind: dict[str, str] = {}
+        #: what the whole training label column of the running fit holds ("positive": all > 0,
+        #: "zeros": all 0, None: unknown or mixed): lets the steps skip per-batch label checks,
+        #: each a host-device synchronisation on a GPU
+        self._train_labels: str | None = None
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -408,6 +412,20 @@ class MatchModule(RecModule):
                     "(each user scores against the global batch's items)"
                 )
 
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        from ..data.base import loader_columns
+
+        self._train_labels = None
+        loader = self.trainer.train_dataloader
+        cols = loader_columns(loader, names=[]) if isinstance(loader, torch.utils.data.DataLoader) else None
+        y = cols[1] if cols is not None else None
+        if y is not None and y.numel():
+            self._train_labels = "positive" if bool((y > 0).all()) else "zeros" if bool((y == 0).all()) else None
+
+    def on_train_end(self) -> None:
+        self._train_labels = None  # the facades' plain loops (train_one_epoch) check every batch
+
     def _warn_point_wise_temperature(self) -> None:
         """A small temperature saturates point-wise BCE: say so (Torch-RecHub's DSSM ignored its
         temperature, and its MovieLens example passes 0.02 with mode=0)."""
@@ -450,7 +468,7 @@ class MatchModule(RecModule):
 
     def in_batch_loss(self, x: dict[str, torch.Tensor], y: torch.Tensor | None = None) -> torch.Tensor:
         """The in-batch negative loss of a batch (see the class docstring)."""
-        if y is not None and self._point_wise_labels():
+        if y is not None and self._train_labels != "positive" and self._point_wise_labels():
             keep = y.reshape(-1) > 0
             if not bool(keep.all()):
                 x = {k: v[keep] for k, v in x.items()}
@@ -560,7 +578,9 @@ class MatchModule(RecModule):
         out = out.float()
         if self.mode == 1:
             return bpr_loss(out[:, 0], out[:, 1:])
-        target = torch.zeros(out.shape[0], dtype=torch.long, device=out.device) if y is None else y.reshape(-1).long()
+        if y is None or self._train_labels == "zeros":  # the positive is column 0 (checked once per fit)
+            return F.cross_entropy(out, torch.zeros(out.shape[0], dtype=torch.long, device=out.device))
+        target = y.reshape(-1).long()
         if target.numel() and (int(target.min()) < 0 or int(target.max()) >= out.shape[1]):
             raise ValueError(
                 f"mode=2 targets must index the {out.shape[1]} logits, got values in [{int(target.min())}, {int(target.max())}]"
