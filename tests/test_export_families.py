@@ -151,6 +151,7 @@ def test_quantized_onnx_models_are_smaller_and_score_alike(tmp_path):
 
 
 # --------------------------------------------------------------------------- every ranking model
+@__import__("functools").lru_cache(maxsize=1)
 def _ranking_models():
     from rechub_lightning.data import CTRDataModule
     from rechub_lightning.models import ranking as R
