@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from .data.match import SEEN_ITEMS_KEY
-from .export import _tower_features
 from .metrics import topk_metrics
 from .models.base import returns_logits
 from .modules.base import split_batch
@@ -113,18 +112,6 @@ class MatchTrainer(_FacadeBase):
         )
         self.model.to(self.device)
 
-    # ------------------------------------------------------------------ input checks
-    _require_all_features = False  # user loaders hold the user tower's features, item loaders the item's
-
-    def _label_types(self) -> list[str] | None:
-        return ["classification"] if self.mode == 0 else None  # pair-/list-wise labels are placeholders
-
-    def _required_features(self, model: nn.Module, where: str) -> list[str]:
-        # Training rows feed both towers: all of their features must be there.
-        if where != "training":
-            return []
-        return [f.name for tower in ("user", "item") for f in _tower_features(model, tower)]
-
     def export_onnx(self, output_path: str, mode: str | None = None, *args: Any, **kwargs: Any) -> bool:  # type: ignore[override]
         """Export the model, or with ``mode="user"``/``"item"`` one tower, to ONNX; the reference's
         argument order (``mode`` second), the other arguments as :meth:`CTRTrainer.export_onnx`."""
@@ -153,8 +140,8 @@ class MatchTrainer(_FacadeBase):
         corpus = _collect(item_dataloader) if item_dataloader is not None else item_corpus
         self.module.set_item_corpus(corpus)
         self.module.monitor = MatchModule.monitor if corpus is not None or val_dataloader is None else "val/auc"
-        self._check_loader(item_dataloader, "item corpus", labels=False)
-        self._run_fit(train_dataloader, val_dataloader, "model.pth", val_labels=corpus is None)
+        self._check_loader(item_dataloader, "predict", "item corpus")
+        self._run_fit(train_dataloader, val_dataloader, "model.pth")
 
     def train_one_epoch(self, data_loader: Iterable[Any], log_interval: int = 10) -> float:
         """One pass over ``data_loader`` (the optimizer persists across calls); returns the mean loss."""
@@ -203,7 +190,7 @@ class MatchTrainer(_FacadeBase):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"no trained weights at {path!r} (run fit first, or pass model_path=None)")
             model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
-        self._check_loader(data_loader, f"{mode} inference", labels=False, model=model)
+        self._check_loader(data_loader, "predict", f"{mode} inference", model=model)
         emb, _ = self._embed_loader(model, mode, data_loader)
         return emb
 
@@ -231,8 +218,8 @@ class MatchTrainer(_FacadeBase):
         Raises:
             ValueError: missing labels / ground truth, or labels with a single class.
         """
-        self._check_loader(data_loader, "evaluation", labels=item_loader is None, binary=True, model=model)
-        self._check_loader(item_loader, "item corpus", labels=False, model=model)
+        self._check_loader(data_loader, "val", "evaluation", labels=item_loader is None, model=model)
+        self._check_loader(item_loader, "predict", "item corpus", model=model)
         if item_loader is None:
             preds, target = self._scores(model, data_loader)
             if target is None:
@@ -293,6 +280,6 @@ class MatchTrainer(_FacadeBase):
 
     def predict(self, model: nn.Module, data_loader: Iterable[Any]) -> list[Any]:
         """The model's scores for every row, in loader order (probabilities for point-wise logits)."""
-        self._check_loader(data_loader, "prediction", labels=False, model=model)
+        self._check_loader(data_loader, "predict", "prediction", model=model)
         preds, _ = self._scores(model, data_loader, targets_too=False)
         return preds.cpu().tolist()

@@ -128,9 +128,6 @@ class MTLTrainer(_FacadeBase):
         self._epoch_log: list[list[float]] = []
         self.model.to(self.device)
 
-    def _label_types(self) -> list[str] | None:
-        return self.task_types
-
     def trainer_config(self, monitor: str, mode: str, with_validation: bool) -> dict[str, Any]:
         cfg = super().trainer_config(monitor, mode, with_validation)
         cfg["callbacks"] = [*cfg["callbacks"], _EpochLog(self.module, self._epoch_log)]
@@ -149,7 +146,7 @@ class MTLTrainer(_FacadeBase):
     def train_one_epoch(self, data_loader: Iterable[Any], log_interval: int = 10) -> list[float]:
         """One pass over ``data_loader`` outside Lightning (the optimizer persists across
         calls); returns the mean loss of every task."""
-        self._check_loader(data_loader, "training")
+        self._check_loader(data_loader, "train", "training")
         module = self.module
         module.to(self.device)
         module.train()
@@ -199,7 +196,7 @@ class MTLTrainer(_FacadeBase):
 
     def evaluate(self, model: nn.Module, data_loader: Iterable[Any]) -> list[float]:
         """Score per task: exact AUC (classification) or MSE (regression); ESMM's CVR on clicked rows."""
-        self._check_loader(data_loader, "evaluation", binary=True, model=model)
+        self._check_loader(data_loader, "val", "evaluation", model=model)
         preds, target = self._outputs(model, data_loader)
         if target is None:
             raise ValueError("evaluate needs a loader of (x, y) batches")
@@ -207,6 +204,6 @@ class MTLTrainer(_FacadeBase):
 
     def predict(self, model: nn.Module, data_loader: Iterable[Any]) -> list[list[float]]:
         """Per row, the probability (classification) or value (regression) of every task."""
-        self._check_loader(data_loader, "prediction", labels=False, model=model)
+        self._check_loader(data_loader, "predict", "prediction", model=model)
         preds, _ = self._outputs(model, data_loader, targets_too=False)
         return preds.tolist()

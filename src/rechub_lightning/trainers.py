@@ -23,10 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import nn
 
 from .checkpoint import AtomicCheckpointIO
-from .data.base import validate_loader
 from .export import export_onnx as _export_onnx
-from .export import model_features
-from .features import Feature
 from .metrics import auc_score
 from .models.base import returns_logits
 from .modules.base import RecModule, split_batch
@@ -150,50 +147,13 @@ class _FacadeBase:
         self._optimizer: torch.optim.Optimizer | None = None
 
     # ------------------------------------------------------------------ input checks
-    #: whether every feature of the model must be a column of every loader (matching loaders
-    #: hold one tower's features at a time)
-    _require_all_features = True
-
-    def _label_types(self) -> list[str] | None:
-        """Task type per label column, to check labels against (``None``: not checked)."""
-        return ["classification"]
-
-    def _required_features(self, model: nn.Module, where: str) -> list[str]:
-        """Features that must be columns of a loader even when not all are required."""
-        return []
-
-    @staticmethod
-    def _model_features(model: nn.Module) -> list[Feature] | None:
-        try:
-            feats = [f for f in model_features(model) if isinstance(f, Feature)]
-        except ValueError:  # a foreign model (e.g. Torch-RecHub's): its own layers check ids
-            feats = []
-        return feats or None
-
     def _check_loader(
-        self, loader: Any, where: str, labels: bool = True, binary: bool = False, model: nn.Module | None = None
+        self, loader: Any, stage: str, where: str, labels: bool = True, model: nn.Module | None = None
     ) -> None:
-        """Validate a loader's whole data against the model before anything runs on it.
-
-        Ids outside a feature's vocabulary, missing columns, NaN/inf dense values and labels
-        that do not fit the task raise an error naming the feature/label and the value (the
-        fused embedding tables would otherwise read another feature's rows for an id past its
-        block). Loaders whose dataset exposes no columns are not checked up front.
-        """
-        if loader is None:
-            return
-        model = self.model if model is None else model
-        validate_loader(
-            loader,
-            self._model_features(model),
-            where,
-            task_types=self._label_types() if labels else None,
-            binary=binary,
-            # Evaluation and prediction check the columns they get: a model may read fewer
-            # features outside training (DIEN's negative histories feed its training loss only).
-            require_all=self._require_all_features and where == "training",
-            required=self._required_features(model, where),
-        )
+        """Validate a loader's whole data before anything runs on it, as the module's Lightning
+        hooks do (:meth:`RecModule.check_loader`), for the paths that run outside Lightning
+        (``evaluate``, ``predict``, ``train_one_epoch``, embeddings)."""
+        self.module.check_loader(loader, stage, where, model=model, labels=labels)
 
     def export_onnx(
         self,
@@ -264,9 +224,8 @@ class _FacadeBase:
         cfg.update(self.trainer_kwargs)
         return cfg
 
-    def _run_fit(self, train_dataloader: Any, val_dataloader: Any, model_file: str, val_labels: bool = True) -> None:
-        self._check_loader(train_dataloader, "training")
-        self._check_loader(val_dataloader, "validation", labels=val_labels, binary=True)
+    def _run_fit(self, train_dataloader: Any, val_dataloader: Any, model_file: str) -> None:
+        # the module's on_train_start checks both loaders before the first step
         os.makedirs(self.model_path, exist_ok=True)
         module = self.module
         cfg = self.trainer_config(module.monitor, module.monitor_mode, val_dataloader is not None)
@@ -301,7 +260,7 @@ class _FacadeBase:
         return self._optimizer
 
     def _train_loop(self, data_loader: Iterable[Any], log_interval: int, loss_fn: Callable[[Any], torch.Tensor]) -> float:
-        self._check_loader(data_loader, "training")
+        self._check_loader(data_loader, "train", "training")
         self.module.to(self.device)
         self.module.train()
         opt = self._optimizer_for_epochs()
@@ -412,7 +371,7 @@ class CTRTrainer(_FacadeBase):
 
     def evaluate(self, model: nn.Module, data_loader: Iterable[Any]) -> float:
         """Exact ROC AUC of ``model`` on ``data_loader``."""
-        self._check_loader(data_loader, "evaluation", binary=True, model=model)
+        self._check_loader(data_loader, "val", "evaluation", model=model)
         preds, target = self._scores(model, data_loader)
         if target is None:
             raise ValueError("evaluate needs a loader of (x, y) batches")
@@ -420,7 +379,7 @@ class CTRTrainer(_FacadeBase):
 
     def predict(self, model: nn.Module, data_loader: Iterable[Any]) -> list[float]:
         """Click probabilities, one per row, in loader order."""
-        self._check_loader(data_loader, "prediction", labels=False, model=model)
+        self._check_loader(data_loader, "predict", "prediction", model=model)
         preds, _ = self._scores(model, data_loader, targets_too=False)
         return preds.cpu().tolist()
 

@@ -268,27 +268,47 @@ class RecModule(L.LightningModule):
             return {"task_types": ["classification"], "binary": True, "require_all": False}
         return {"task_types": None, "require_all": False}
 
-    def _check_loaders(self, stage: str, loaders: Any) -> None:
-        """Check the whole data behind ``loaders`` before the loop over them starts.
+    def check_loader(
+        self, loader: Any, stage: str, where: str | None = None, model: nn.Module | None = None, labels: bool = True
+    ) -> None:
+        """Check the whole data behind ``loader`` against the model (ids inside each feature's
+        vocabulary, columns present, finite dense values, labels that fit) before anything runs
+        on it: with fused tables an id past its feature's block would read another feature's rows.
 
-        DataModules and the trainers check their data already (checked datasets are not read
-        again); these hooks cover loaders passed straight to ``lightning.Trainer`` (ids out of
-        a feature's range would otherwise read another feature's rows of a fused table).
+        Args:
+            loader: a DataLoader; datasets that expose no columns (streams) are not checked here
+                (they check each batch).
+            stage: ``"train"``, ``"val"``, ``"test"`` or ``"predict"``: what :meth:`loader_checks` requires.
+            where: the split's name in error messages (default: from ``stage``).
+            model: check against this model's features instead of the module's.
+            labels: ``False`` leaves the labels unchecked (the caller does not read them).
+
+        A dataset that passed the same checks is not read again.
         """
         from ..data.base import validate_loader
         from ..export import model_features
         from ..features import Feature
 
-        if loaders is None:
+        if loader is None:
             return
         try:
-            feats = [f for f in model_features(self.model) if isinstance(f, Feature)] or None
+            feats = [f for f in model_features(self.model if model is None else model) if isinstance(f, Feature)] or None
         except ValueError:  # a foreign model (e.g. Torch-RecHub's): its own layers check ids
             feats = None
-        where = {"train": "training", "val": "validation", "test": "test", "predict": "prediction"}[stage]
+        checks = self.loader_checks(stage)
+        if not labels:
+            checks = {**checks, "task_types": None}
+        where = where or {"train": "training", "val": "validation", "test": "test", "predict": "prediction"}[stage]
+        validate_loader(loader, feats, where, **checks)
+
+    def _check_loaders(self, stage: str, loaders: Any) -> None:
+        """:meth:`check_loader` for each of a stage's loaders (a loader, a list or a dict of them):
+        the hooks below cover loaders passed straight to ``lightning.Trainer``."""
+        if loaders is None:
+            return
         items = loaders.values() if isinstance(loaders, Mapping) else loaders if isinstance(loaders, (list, tuple)) else [loaders]
         for loader in items:
-            validate_loader(loader, feats, where, **self.loader_checks(stage))
+            self.check_loader(loader, stage)
 
     def on_train_start(self) -> None:
         trainer = self.trainer
