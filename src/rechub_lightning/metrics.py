@@ -572,12 +572,15 @@ def hit_score(*args: Any, **kwargs: Any) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- beyond accuracy
-def _ranked_rows(y_pred: Any, index: Mapping[Any, int] | None, n_rows: int, what: str) -> Tensor:
+def _ranked_rows(
+    y_pred: Any, index: Mapping[Any, int] | None, n_rows: int, what: str, unknown_row: int | None = None
+) -> Tensor:
     """Recommendation lists as a ``(U, K)`` int64 tensor of rows of a per-item table (``-1``: padding).
 
     ``y_pred`` is a ``(U, K)`` tensor/array, a sequence of ranked lists or Torch-RecHub's
     ``{user: ranked items}`` dict. Without ``index`` item ids are the rows (``-1`` pads); with
-    it (a table given as a dict) ids are looked up in it. Ids without a row are an error.
+    it (``{item: row}``, rows ``0..len(index)-1`` in order, from a table given as a dict) ids are
+    looked up in it. Ids without a row are an error, or ``unknown_row`` when one is given.
     """
     if isinstance(y_pred, Mapping):
         lists: list[Any] | None = [_as_list(v) for v in y_pred.values()]
@@ -594,12 +597,13 @@ def _ranked_rows(y_pred: Any, index: Mapping[Any, int] | None, n_rows: int, what
             lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
             flat = list(itertools.chain.from_iterable(lists))
             codes = pd.Index(list(index)).get_indexer(np.asarray(flat)) if flat else np.zeros(0, dtype=np.int64)
-            keys = np.asarray(list(index.values()), dtype=np.int64)
-            mapped = np.where(codes >= 0, keys[codes], -1)
             for j in np.flatnonzero(codes < 0):
-                if not (isinstance(flat[j], (int, np.integer)) and flat[j] == -1):
+                if isinstance(flat[j], (int, np.integer)) and flat[j] == -1:
+                    continue  # padding
+                if unknown_row is None:
                     raise ValueError(f"recommended item {flat[j]!r} has no entry in {what}")
-            rows = _pad_flat(mapped, lengths)
+                codes[j] = unknown_row
+            rows = _pad_flat(codes.astype(np.int64), lengths)
         else:
             rows = _to_padded(lists, "y_pred")
     assert rows is not None
@@ -744,18 +748,12 @@ def novelty_score(
         raise ValueError(
             f"item_popularity must hold probabilities in [0, 1] (e.g. count / total interactions), found {float(pop[i])} for item {item!r}"
         )
-    if index is not None:  # items missing from the dict have probability 0
-        missing = {}
-        lists = y_pred.values() if isinstance(y_pred, Mapping) else y_pred.tolist() if isinstance(y_pred, (Tensor, np.ndarray)) else y_pred
-        for items in lists:
-            for item in _as_list(items):
-                if item not in index and item not in missing and item != -1:
-                    missing[item] = len(pop) + len(missing)
-        if missing:
-            index = {**index, **missing}
-            pop = torch.cat([pop, torch.zeros(len(missing), dtype=pop.dtype)])
+    unknown = None
+    if index is not None:  # items missing from the dict have probability 0: one extra row
+        unknown = len(pop)
+        pop = torch.cat([pop, torch.zeros(1, dtype=pop.dtype)])
     info = -torch.log2(pop.clamp(min=1e-10))
-    rows = _ranked_rows(y_pred, index, len(pop), "item_popularity")
+    rows = _ranked_rows(y_pred, index, len(pop), "item_popularity", unknown_row=unknown)
     out = {}
     for k in ks:
         sel = rows[:, :k]
