@@ -167,18 +167,25 @@ def test_every_ranking_model_exports(tmp_path, name):
     """onnxruntime == PyTorch (eval mode) at two batch sizes; DIN/DIEN's Dice once failed to export."""
     cls, schema = _ranking_models()[name]
     torch.manual_seed(0)
-    model = cls(schema=schema)
+
+    def predictions(out):
+        return torch.sigmoid(out[0] if isinstance(out, tuple) else out)
+
+    _assert_export_round_trip(cls(schema=schema), tmp_path / f"{name}.onnx", predictions)
+
+
+def _assert_export_round_trip(model, path, predictions):
+    """Export ``model`` after one training pass (BatchNorm statistics off their init) and compare
+    onnxruntime with ``predictions(model(x))`` in eval mode at two batch sizes."""
     x = dummy_inputs(model_features(model), batch_size=64, seq_length=10)
-    model.train()
-    with torch.no_grad():  # one training pass moves BatchNorm's running statistics off their init
-        model(x)
+    with torch.no_grad():
+        model.train()(x)
     model.eval()
-    path = export_onnx(model, str(tmp_path / f"{name}.onnx"))
+    export_onnx(model, str(path))
     for batch in BATCHES:
         xb = {k: v[:batch] for k, v in x.items()}
         with torch.no_grad():
-            out = model(xb)
-            expect = torch.sigmoid(out[0] if isinstance(out, tuple) else out).numpy()
+            expect = predictions(model(xb)).numpy()
         np.testing.assert_allclose(_run(path, xb).reshape(expect.shape), expect, rtol=1e-5, atol=1e-5)
 
 
@@ -194,15 +201,9 @@ def test_every_multi_task_model_exports(tmp_path, name):
     dm = MTLDataModule(synthetic_rows=300, **(labels if name == "ESMM" else {}))
     torch.manual_seed(0)
     model = getattr(M, name)(schema=dm.schema, **({"user_features": "sparse"} if name == "ESMM" else {}))
-    x = dummy_inputs(model_features(model), batch_size=64)
-    with torch.no_grad():
-        model.train()(x)  # BatchNorm statistics off their init
-    model.eval()
-    path = export_onnx(model, str(tmp_path / f"{name}.onnx"))
-    for batch in BATCHES:
-        xb = {k: v[:batch] for k, v in x.items()}
-        with torch.no_grad():
-            logits = model(xb)
-        expect = torch.stack([torch.sigmoid(logits[:, i]) if t == "classification" else logits[:, i]
-                              for i, t in enumerate(model.task_types)], dim=1).numpy()
-        np.testing.assert_allclose(_run(path, xb), expect, rtol=1e-5, atol=1e-5)
+
+    def predictions(logits):
+        return torch.stack([torch.sigmoid(logits[:, i]) if t == "classification" else logits[:, i]
+                            for i, t in enumerate(model.task_types)], dim=1)
+
+    _assert_export_round_trip(model, tmp_path / f"{name}.onnx", predictions)
