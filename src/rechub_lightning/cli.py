@@ -186,7 +186,6 @@ def load_model_from_checkpoint(ckpt_path: str) -> Any:
 def export_main(argv: list[str]) -> str:
     """``rechub export --ckpt_path X --output model.onnx [--tower user|item] [--quantize int8|fp16]``."""
     import argparse
-    import os
     import tempfile
 
     from .export import export_onnx, quantize_onnx
