@@ -1,0 +1,52 @@
+"""Scoring code (features, models, metrics, export, retrieval) imports without Lightning and
+torchmetrics; the trainers, modules and Metric classes still load by their public names."""
+
+import subprocess
+import sys
+import textwrap
+
+
+def _run(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_scoring_imports_leave_lightning_and_torchmetrics_unloaded():
+    loaded = _run(
+        """
+        import sys
+        import rechub_lightning
+        from rechub_lightning import SparseFeature, DenseFeature, SequenceFeature
+        from rechub_lightning.metrics import auc_score, gauc_score, topk_metrics, diversity_score
+        from rechub_lightning.models.ranking import DeepFM
+        from rechub_lightning.models.matching import DSSM
+        from rechub_lightning.models.multi_task import MMOE
+        from rechub_lightning.export import export_onnx
+        from rechub_lightning.retrieval import topk_search
+        print(sorted(m for m in ("lightning", "torchmetrics", "pytorch_lightning") if m in sys.modules))
+        """
+    )
+    assert loaded == "[]"
+
+
+def test_lazy_public_names_resolve_to_the_defining_modules():
+    out = _run(
+        """
+        import rechub_lightning as rl
+        from rechub_lightning import CTRTrainer, MTLModule
+        from rechub_lightning.metrics import BinaryAUC, RetrievalTopK
+        import rechub_lightning.metrics as m
+        from rechub_lightning.trainers import CTRTrainer as T
+        from rechub_lightning.modules.mtl import MTLModule as M
+        from rechub_lightning._metric_states import BinaryAUC as B
+        assert CTRTrainer is T and MTLModule is M and BinaryAUC is B and m.RetrievalTopK is RetrievalTopK
+        assert {"CTRTrainer", "MatchModule"} <= set(dir(rl)) and set(rl.__all__) <= set(dir(rl))
+        for bad in (lambda: rl.NoSuchThing, lambda: m.NoSuchMetric):
+            try:
+                bad()
+            except AttributeError as e:
+                print(e)
+        """
+    )
+    assert "NoSuchThing" in out and "NoSuchMetric" in out
