@@ -309,3 +309,55 @@ def test_regularization_zero_is_cheap_zero_tensor() -> None:
     assert isinstance(out, torch.Tensor) and out.item() == 0.0 and not out.requires_grad
     with pytest.raises(ValueError):
         RegularizationLoss(dense_l2=-1.0)
+
+
+def test_nce_loss_matches_the_formula_and_the_reference() -> None:
+    from rechub_lightning.losses import InBatchNCELoss, NCELoss, in_batch_nce_loss, nce_loss
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    targets = torch.tensor([3, 0, 8, 0, 1, 5])  # id 0 is padding
+    logp = torch.log_softmax(logits / 0.5, dim=-1)
+    per = -logp[torch.arange(6), targets]
+    keep = targets != 0
+    assert torch.allclose(nce_loss(logits, targets, 0.5), per[keep].mean())
+    assert torch.allclose(nce_loss(logits, targets, 0.5, reduction="sum"), per[keep].sum())
+    assert torch.allclose(nce_loss(logits, targets, 0.5, reduction="none"), per * keep)
+    assert torch.allclose(nce_loss(logits, targets, 0.5, ignore_index=None), per.mean())
+    # (B, L, V) sequences: the same as flattening the positions
+    seq = logits.reshape(2, 3, 9)
+    assert torch.allclose(nce_loss(seq, targets.reshape(2, 3), 0.5), per[keep].mean())
+    emb, items = torch.randn(6, 4, generator=g), torch.randn(9, 4, generator=g)
+    assert torch.allclose(in_batch_nce_loss(emb, items, targets), nce_loss(emb @ items.T, targets, 0.1))
+
+    ref = pytest.importorskip("torch_rechub.basic.loss_func")
+    assert torch.allclose(NCELoss(temperature=0.5)(logits, targets), ref.NCELoss(temperature=0.5)(logits, targets))
+    assert torch.allclose(
+        InBatchNCELoss(temperature=0.2)(emb, items, targets), ref.InBatchNCELoss(temperature=0.2)(emb, items, targets)
+    )
+
+
+def test_nce_loss_of_an_all_padding_batch_is_zero_without_gradient() -> None:
+    from rechub_lightning.losses import nce_loss
+
+    logits = torch.randn(4, 5, requires_grad=True)
+    loss = nce_loss(logits, torch.zeros(4, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(logits.grad) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"targets": torch.zeros(3, dtype=torch.long)}, "targets"),
+        ({"targets": torch.zeros(4)}, "integer"),
+        ({"reduction": "avg"}, "reduction"),
+    ],
+)
+def test_nce_loss_rejects_bad_inputs(kwargs, match) -> None:
+    from rechub_lightning.losses import nce_loss
+
+    args = {"logits": torch.randn(4, 5), "targets": torch.ones(4, dtype=torch.long)} | kwargs
+    with pytest.raises(ValueError, match=match):
+        nce_loss(**args)

@@ -11,6 +11,9 @@ classes are thin wrappers for code that wants a criterion object.
 * :func:`sampled_softmax_loss` -- in-batch softmax with temperature, logQ
   correction (Yi et al., "Sampling-Bias-Corrected Neural Modeling for Large
   Corpus Item Recommendations", RecSys 2019) and accidental-hit masking.
+* :func:`nce_loss` / :func:`in_batch_nce_loss` -- softmax cross entropy over a
+  vocabulary of items with a temperature and a padding target that is ignored
+  (Torch-RecHub's ``NCELoss`` / ``InBatchNCELoss``, used by its generative models).
 * :func:`in_batch_negative_scores` -- vectorised in-batch negative sampling
   (uniform or hardest), the replacement for the reference's per-row loop.
 * :class:`RegularizationLoss` -- L1/L2 on embedding vs dense parameters,
@@ -34,6 +37,10 @@ __all__ = [
     "list_wise_loss",
     "sampled_softmax_loss",
     "in_batch_negative_scores",
+    "nce_loss",
+    "NCELoss",
+    "in_batch_nce_loss",
+    "InBatchNCELoss",
     "masked_fill_value",
     "RegularizationLoss",
 ]
@@ -337,6 +344,113 @@ def in_batch_negative_scores(
         keys = keys.masked_fill(invalid, -1.0)  # valid keys are in [0, 1)
         index = keys.topk(ratio, dim=1).indices
     return torch.diagonal(scores), masked.gather(1, index)
+
+
+def nce_loss(
+    logits: Tensor,
+    targets: Tensor,
+    temperature: float = 1.0,
+    ignore_index: int | None = 0,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """Softmax cross entropy of the target item over the whole vocabulary, with a temperature.
+
+    ``-log softmax(logits / temperature)[target]`` per position; positions whose target is
+    ``ignore_index`` (the padding id of a sequence) add nothing. This is what Torch-RecHub
+    0.9.0's ``NCELoss`` computes (its name notwithstanding: every item of the vocabulary is a
+    negative, nothing is sampled), with two of its edge cases mended:
+
+    * a batch whose targets are all ``ignore_index`` gives a zero loss (no gradient) under
+      ``"mean"``/``"sum"``; the reference then averaged the padding positions' losses in;
+    * ``reduction="none"`` keeps the targets' shape, with zeros at ignored positions (as
+      :func:`torch.nn.functional.cross_entropy` does); the reference returned only the kept
+      positions, so the shape depended on the data.
+
+    Args:
+        logits: ``(..., V)`` scores of every item (e.g. ``(B, V)`` or ``(B, L, V)``).
+        targets: ``(...)`` integer item ids in ``[0, V)``.
+        temperature: Logits are divided by it (must be > 0).
+        ignore_index: Target id to ignore (``None``: none is).
+        reduction: ``"mean"`` (over the positions not ignored), ``"sum"`` or ``"none"``.
+
+    Raises:
+        ValueError: On a non-positive temperature or mismatched shapes.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if logits.dim() < 2 or tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"nce_loss needs logits of shape (..., V) and targets of the leading shape, got logits "
+            f"{tuple(logits.shape)} and targets {tuple(targets.shape)}"
+        )
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be integer item ids, got dtype {targets.dtype}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    flat = logits.reshape(-1, logits.shape[-1])
+    if temperature != 1.0:
+        flat = flat / temperature
+    t = targets.reshape(-1).long()
+    ignore = -100 if ignore_index is None else int(ignore_index)
+    per = F.cross_entropy(flat, t, ignore_index=ignore, reduction="none")  # 0 at ignored positions
+    if reduction == "none":
+        return per.reshape(targets.shape)
+    if reduction == "sum":
+        return per.sum()
+    kept = (t != ignore).sum()
+    return per.sum() / kept.clamp(min=1)
+
+
+def in_batch_nce_loss(
+    embeddings: Tensor,
+    item_embeddings: Tensor,
+    targets: Tensor,
+    temperature: float = 0.1,
+    ignore_index: int | None = 0,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """:func:`nce_loss` of the scores ``embeddings @ item_embeddings.T``.
+
+    Torch-RecHub 0.9.0's ``InBatchNCELoss``: ``embeddings`` ``(..., D)`` are the query (user
+    or sequence position) vectors, ``item_embeddings`` ``(V, D)`` the candidate items,
+    ``targets`` ``(...)`` each query's item id (row of ``item_embeddings``).
+    """
+    if item_embeddings.dim() != 2 or embeddings.shape[-1] != item_embeddings.shape[-1]:
+        raise ValueError(
+            f"in_batch_nce_loss needs embeddings (..., D) and item_embeddings (V, D), got "
+            f"{tuple(embeddings.shape)} and {tuple(item_embeddings.shape)}"
+        )
+    return nce_loss(embeddings @ item_embeddings.transpose(0, 1), targets, temperature, ignore_index, reduction)
+
+
+class NCELoss(nn.Module):
+    """Criterion form of :func:`nce_loss` (Torch-RecHub's ``NCELoss`` arguments)."""
+
+    def __init__(self, temperature: float = 1.0, ignore_index: int | None = 0, reduction: Reduction = "mean") -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.reduction: Reduction = reduction
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return nce_loss(logits, targets, self.temperature, self.ignore_index, self.reduction)
+
+
+class InBatchNCELoss(nn.Module):
+    """Criterion form of :func:`in_batch_nce_loss` (Torch-RecHub's ``InBatchNCELoss`` arguments)."""
+
+    def __init__(self, temperature: float = 0.1, ignore_index: int | None = 0, reduction: Reduction = "mean") -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.reduction: Reduction = reduction
+
+    def forward(self, embeddings: Tensor, item_embeddings: Tensor, targets: Tensor) -> Tensor:
+        return in_batch_nce_loss(embeddings, item_embeddings, targets, self.temperature, self.ignore_index, self.reduction)
 
 
 class RegularizationLoss(nn.Module):
