@@ -150,6 +150,34 @@ def test_train_single_process_sees_every_row_and_no_one_row_batch(criteo):
     assert sizes == [1000, 1000, 1001] and len(ds) == 3
 
 
+@pytest.mark.parametrize("workers,shuffle_buffer", [(0, 2), (0, 1), (2, 3), (3, 2)])
+def test_resumed_pass_yields_the_uninterrupted_tail_without_reading_skipped_row_groups(criteo, workers, shuffle_buffer):
+    ds = _rid_dm(criteo, batch_size=128, shuffle_buffer=shuffle_buffer, seed=3).dataset("train")
+    ds.set_epoch(1)
+    full = [x["rid"].long() for x, _ in StreamDataLoader(ds, num_workers=workers)]
+    reads = []
+    original = ds.source.read
+
+    def counting(k, *a, **kw):
+        reads.append(k)
+        return original(k, *a, **kw)
+
+    ds.source.read = counting
+    try:
+        for skip in sorted({1, 2, 5, 9, len(full) // 2, len(full) - 2, len(full) - 1}):
+            loader = StreamDataLoader(ds, num_workers=workers)
+            loader.load_state_dict({"epoch": 1, "batches_consumed": skip})
+            reads.clear()
+            got = [x["rid"].long() for x, _ in loader]
+            assert len(got) == len(full) - skip
+            assert all(torch.equal(a, b) for a, b in zip(got, full[skip:])), skip
+            assert loader.state_dict() == {"epoch": 1, "batches_consumed": len(full)}
+            if workers == 0 and skip >= len(full) - 2:  # the skipped pass is not read again
+                assert len(reads) < 0.75 * len(ds.source.row_groups), (skip, len(reads))
+    finally:
+        ds.source.read = original
+
+
 @pytest.mark.parametrize("world,workers", [(1, 0), (2, 2), (3, 2)])
 def test_eval_rows_once_in_order(criteo, world, workers):
     ds = _rid_dm(criteo, eval_batch_size=64).dataset("val")

@@ -301,6 +301,10 @@ class ParquetStreamDataset(IterableDataset):
         self.epoch = 0
         #: DataLoader workers reading this dataset (set by :class:`StreamDataLoader`; used by ``len``)
         self.loader_workers = 0
+        #: batches at the start of the next training pass to leave out, all workers together (set
+        #: by :class:`StreamDataLoader` when resuming mid-epoch); only their row counts are looked
+        #: at, so the row groups behind them are not read
+        self.skip_batches = 0
         if self.train and self.source.num_rows < _world(num_replicas, rank)[0]:
             raise ValueError(f"{self.source.num_rows} training row(s) cannot feed {_world(num_replicas, rank)[0]} ranks")
 
@@ -417,11 +421,45 @@ class ParquetStreamDataset(IterableDataset):
         worker, workers = _worker()
         start, stop = self._rank_rows(world, rank)
         if self.train:
-            yield from self._iter_train(start, stop, worker, workers, world, rank)
-        else:
-            yield from self._iter_eval(start, stop, worker, workers)
+            skips, roles = self._resume_plan(self.skip_batches, stop - start, workers)
+            worker = roles[worker]
+            return self._iter_train(start, stop, worker, workers, world, rank, skips[worker])
+        return self._iter_eval(start, stop, worker, workers)
 
-    def _iter_train(self, start: int, stop: int, worker: int, workers: int, world: int, rank: int) -> Iterator[Any]:
+    def _resume_plan(self, skip: int, rows: int, workers: int) -> tuple[list[int], list[int]]:
+        """Where a pass resumed after its first ``skip`` batches stands, per worker.
+
+        The DataLoader hands batches out round-robin over the workers that still have some (an
+        exhausted worker drops out of the cycle), starting with worker 0 on every new
+        iterator. Returns the batches each (logical) worker has already given and the logical
+        worker each DataLoader worker plays in the resumed pass, rotated so that the cycle
+        restarts where the interrupted one stopped.
+        """
+        counts = [_train_batches(b - a, self.batch_size) for a, b in (_share(rows, workers, w) for w in range(workers))]
+        skips = [0] * workers
+        nxt = 0
+        done = 0  # rounds in which every worker with batches left gave one
+        if skip <= 0:
+            return skips, list(range(workers))
+        for c in sorted(set(counts)):  # between two distinct counts the set of active workers is fixed
+            active = [w for w in range(workers) if counts[w] >= c]
+            span = c - done
+            if skip >= span * len(active):
+                skip -= span * len(active)
+                for w in active:
+                    skips[w] = c
+                done = c
+                continue
+            rounds, rest = divmod(skip, len(active))
+            for i, w in enumerate(active):
+                skips[w] = done + rounds + (1 if i < rest else 0)
+            nxt = active[rest]
+            break
+        cycle = [(nxt + i) % workers for i in range(workers)]
+        left = [w for w in cycle if counts[w] > skips[w]]
+        return skips, left + [w for w in cycle if counts[w] <= skips[w]]
+
+    def _iter_train(self, start: int, stop: int, worker: int, workers: int, world: int, rank: int, skip: int) -> Iterator[Any]:
         a, b = _share(stop - start, workers, worker)
         rows = b - a
         if rows <= 0:
@@ -432,33 +470,66 @@ class ParquetStreamDataset(IterableDataset):
             int(np.random.default_rng([self.seed, self.epoch, rank, world, worker, workers]).integers(2**62))
         )
         n_batches = _train_batches(rows, self.batch_size)
+        # Rows are followed by their "virtual" id (position in this worker's run of pieces), so
+        # that the batches of a resumed pass can be skipped on ids alone: the shuffle only
+        # depends on chunk sizes, and nothing is read until a batch is to be yielded.
+        first_id = np.concatenate([[0], np.cumsum([hi - lo for _, lo, hi in pieces])]).tolist()
         emitted = 0
-        buffer: list[Any] = []
-        carry = None  # already shuffled rows left over from the previous buffer
-        for i, (k, lo, hi) in enumerate(pieces):
-            buffer.append(self._read(k, lo, hi))
+        buffer: list[int] = []
+        carry_ids: torch.Tensor | None = None  # already shuffled rows left over from the previous buffer
+        carry = None  # their data (None while skipping)
+        for i in range(len(pieces)):
+            buffer.append(i)
             last = i == len(pieces) - 1
             if len(buffer) < self.shuffle_buffer and not last:
                 continue
-            chunk = self._cat(([carry] if carry is not None else []) + buffer)
-            buffer = []
-            n = self._rows(chunk)
+            ids = torch.cat(
+                ([carry_ids] if carry_ids is not None else []) + [torch.arange(first_id[p], first_id[p + 1]) for p in buffer]
+            )
+            n = len(ids)
             perm = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
             if last:
-                left = n_batches - emitted
-                for j in range(left):
+                full = n_batches - emitted
+            else:
+                full = n // self.batch_size
+                if emitted + full >= n_batches:  # the final batch (maybe with a merged 1-row tail) comes last
+                    full = n_batches - emitted - 1
+            if emitted + full <= skip:  # every batch of this buffer was trained on before the restart
+                if last:
+                    return
+                emitted += full
+                rest = perm[full * self.batch_size :]
+                carry_ids, carry = (ids.index_select(0, rest), None) if len(rest) else (None, None)
+                buffer = []
+                continue
+            if carry_ids is not None and carry is None:
+                carry = self._read_rows(pieces, first_id, carry_ids)
+            chunk = self._cat(([carry] if carry is not None else []) + [self._read(*pieces[p]) for p in buffer])
+            buffer = []
+            first = max(0, skip - emitted)  # batches of this buffer already trained on
+            if last:
+                for j in range(first, full):
                     lo_r = j * self.batch_size
-                    hi_r = n if j == left - 1 else lo_r + self.batch_size
+                    hi_r = n if j == full - 1 else lo_r + self.batch_size
                     yield self._out(self._take(chunk, perm[lo_r:hi_r]))
                 return
-            full = n // self.batch_size
-            if emitted + full >= n_batches:  # the final batch (maybe with a merged 1-row tail) comes last
-                full = n_batches - emitted - 1
-            for j in range(full):
+            for j in range(first, full):
                 yield self._out(self._take(chunk, perm[j * self.batch_size : (j + 1) * self.batch_size]))
             emitted += full
             rest = perm[full * self.batch_size :]
-            carry = self._take(chunk, rest) if len(rest) else None
+            carry_ids, carry = (ids.index_select(0, rest), self._take(chunk, rest)) if len(rest) else (None, None)
+
+    def _read_rows(self, pieces: list[tuple[int, int, int]], first_id: list[int], ids: torch.Tensor) -> Any:
+        """The rows with virtual ids ``ids`` (in that order), reading only the pieces holding them."""
+        owner = np.searchsorted(np.asarray(first_id), ids.numpy(), side="right") - 1
+        needed = np.unique(owner).tolist()
+        base, at = {}, 0
+        for p in needed:
+            base[p] = at
+            at += first_id[p + 1] - first_id[p]
+        chunk = self._cat([self._read(*pieces[p]) for p in needed])
+        pos = torch.as_tensor([base[p] - first_id[p] for p in owner.tolist()], dtype=torch.long) + ids
+        return self._take(chunk, pos)
 
     def _iter_eval(self, start: int, stop: int, worker: int, workers: int) -> Iterator[Any]:
         n_batches = math.ceil((stop - start) / self.batch_size)
@@ -509,8 +580,10 @@ class StreamDataLoader(_ResumableLoader, DataLoader):
     Resuming mid-epoch: Lightning saves ``state_dict()`` (epoch, batches consumed) in
     checkpoints and calls ``load_state_dict`` before the first iteration after a restart. The
     epoch's order is a function of (seed, epoch, rank, worker), so the resumed iteration
-    regenerates it and drops the batches already trained on: the run continues with exactly
-    the batches an uninterrupted run would see, at the price of reading those row groups again.
+    regenerates it and leaves out the batches already trained on: the run continues with
+    exactly the batches an uninterrupted run would see. The skipped batches are worked out from
+    row counts alone, so their row groups are not read again (only those holding the rows that
+    the shuffle buffer carried over into the first resumed batches).
     """
 
     def __init__(self, dataset: ParquetStreamDataset, num_workers: int = 0, pin_memory: bool = False, **kwargs: Any) -> None:
@@ -526,9 +599,12 @@ class StreamDataLoader(_ResumableLoader, DataLoader):
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         skip = self._take_resume_skip()
+        ds = self.dataset
+        ds.skip_batches = skip if ds.train else 0  # type: ignore[attr-defined]  # workers get a copy holding it
         it = super().__iter__()
-        for _ in range(skip):  # the interrupted epoch's consumed batches, regenerated and dropped
-            next(it)
+        if not ds.train:  # type: ignore[attr-defined]
+            for _ in range(skip):
+                next(it)
         return self._counting(it, skip)
 
     def _loader_epoch(self) -> int:
