@@ -407,3 +407,51 @@ def test_topk_metrics_takes_raw_string_ids_like_the_reference():
     ref = pytest.importorskip("torch_rechub.basic.metric")
     expected = ref.topk_metrics(y_true, y_pred, [3])
     assert as_ints["recall@3"] == pytest.approx(float(expected["Recall"][0].split(": ")[1]), abs=1e-4)
+
+
+def _pad_collate(batch):
+    hist = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(b[0]["hist_item_id"]) for b in batch], batch_first=True)
+    return {"hist_item_id": hist}, torch.stack([torch.as_tensor(b[1]) for b in batch]).long()
+
+
+SESSIONS = {"hist_item_id": [[1], [1, 2], [1, 2, 3], [2, 3], [4, 1, 2, 3], [3]] * 4}
+NEXT_ITEM = np.array([2, 3, 4, 4, 1, 2] * 4)
+
+
+def test_histories_of_different_lengths_stay_rows_for_a_padding_collate_fn_like_the_reference():
+    """Torch-RecHub's session-based example (run_sbr.py) keeps raw histories in TorchDataset and
+    pads them per batch in its collate_fn; ours does the same, and the batched path says why not."""
+    from rechub_lightning.data import make_dataloader
+    from rechub_lightning.data.datasets import RaggedColumnError, to_tensor
+
+    ours = [b for b in DataLoader(TorchDataset(SESSIONS, NEXT_ITEM), batch_size=5, collate_fn=_pad_collate)]
+    assert [tuple(b[0]["hist_item_id"].shape) for b in ours[:2]] == [(5, 4), (5, 3)]
+    assert ours[0][0]["hist_item_id"][2].tolist() == [1, 2, 3, 0] and ours[0][1].tolist() == [2, 3, 4, 4, 1]
+    ref = pytest.importorskip("torch_rechub.utils.data")
+    theirs = list(DataLoader(ref.TorchDataset(SESSIONS, NEXT_ITEM), batch_size=5, collate_fn=_pad_collate))
+    assert all(torch.equal(a[0]["hist_item_id"], b[0]["hist_item_id"]) and torch.equal(a[1], b[1]) for a, b in zip(ours, theirs))
+    with pytest.raises(RaggedColumnError, match=r"'hist_item_id'.*different lengths \(1 to 4\)"):
+        make_dataloader(TorchDataset(SESSIONS, NEXT_ITEM), batch_size=5)
+    with pytest.raises(RaggedColumnError, match="'h'"):
+        to_tensor(__import__("pandas").Series([[1, 2], [3]]), "h")
+
+
+def test_session_model_trains_on_ragged_histories_and_their_ids_are_checked(tmp_path):
+    from rechub_lightning import SequenceFeature
+    from rechub_lightning.models.matching import NARM
+
+    def trainer_and_model():
+        torch.manual_seed(0)
+        model = NARM(SequenceFeature("hist_item_id", vocab_size=5, embed_dim=8, pooling="concat"), 8, 0.0, 0.0)
+        return MatchTrainer(model, mode=2, n_epoch=2, model_path=str(tmp_path), trainer_kwargs=quiet_trainer_kwargs()), model
+
+    trainer, model = trainer_and_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.fit(DataLoader(TorchDataset(SESSIONS, NEXT_ITEM), batch_size=6, shuffle=True, collate_fn=_pad_collate))
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    bad = {"hist_item_id": SESSIONS["hist_item_id"][:-1] + [[2, 5]]}  # id 5 in a vocabulary of 5
+    trainer, model = trainer_and_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="sequence feature 'hist_item_id' in training data has id 5"):
+        trainer.fit(DataLoader(TorchDataset(bad, NEXT_ITEM), batch_size=6, collate_fn=_pad_collate))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any step

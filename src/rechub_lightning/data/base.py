@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..features import FeatureSchema, SequenceFeature, SparseFeature
-from .datasets import TensorDictDataset, make_dataloader, to_tensor
+from .datasets import RaggedColumnError, TensorDictDataset, make_dataloader, to_tensor
 from .preprocessing import Preprocessor
 
 __all__ = ["TabularDataModule", "read_table", "as_frame", "load_preprocessing_state", "validate_batch_tensors", "validate_loader", "validate_labels", "loader_columns", "encode_labels"]
@@ -106,17 +106,31 @@ def loader_columns(
     labels as ``y``), such as Torch-RecHub's ``TorchDataset``/``PredictDataset``, whose
     columns are converted (only ``names`` of them when given: other columns may hold
     anything the model does not read; labels only with ``labels``). ``None`` for anything
-    else (an iterable, a streaming or per-row dataset of another shape).
+    else (an iterable, a streaming or per-row dataset of another shape). A column of
+    sequences of different lengths (padded per batch by the loader's ``collate_fn``) comes
+    back flattened: its values are checked, not its shape.
     """
     ds = getattr(loader, "dataset", None)
-    if isinstance(ds, TensorDictDataset):
+    if isinstance(ds, TensorDictDataset) and not getattr(ds, "ragged", ()):
         return ds.x, ds.y
     x = getattr(ds, "x", None)
     if not isinstance(x, Mapping):
         return None
     y = getattr(ds, "y", None)
-    cols = {k: to_tensor(v, k) for k, v in x.items() if names is None or k in names}
-    return cols, (None if y is None or not labels else to_tensor(y, "label").float())
+    cols = {k: _checkable(v, k) for k, v in x.items() if names is None or k in names}
+    if y is not None and labels and not isinstance(y, torch.Tensor):
+        y = to_tensor(y, "label")
+    return cols, (None if y is None or not labels else y.float())
+
+
+def _checkable(values: Any, name: str) -> torch.Tensor:
+    """A column as a tensor; a ragged one (rows of different lengths) flattened."""
+    if isinstance(values, torch.Tensor):
+        return values
+    try:
+        return to_tensor(values, name)
+    except RaggedColumnError:
+        return to_tensor(np.concatenate([np.asarray(v).reshape(-1) for v in values]), name)
 
 
 def validate_labels(y: torch.Tensor, task_types: Sequence[str], where: str, binary: bool) -> None:

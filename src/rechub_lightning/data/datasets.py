@@ -30,7 +30,32 @@ __all__ = [
     "make_dataloader",
     "BatchDataLoader",
     "to_tensor",
+    "RaggedColumnError",
 ]
+
+
+class RaggedColumnError(ValueError):
+    """A column of sequences of different lengths where one tensor is needed."""
+
+    def __init__(self, name: str, shortest: int, longest: int) -> None:
+        self.name, self.shortest, self.longest = name, shortest, longest
+        super().__init__(
+            f"column {name!r} holds sequences of different lengths ({shortest} to {longest}): pad them to one "
+            "length first (rechub_lightning.data.pad_sequences), or keep them in a per-row dataset and pad each "
+            "batch in the DataLoader's collate_fn"
+        )
+
+
+def _is_sequence(v: Any) -> bool:
+    return hasattr(v, "__len__") and not isinstance(v, (str, bytes))
+
+
+def _object_column(values: Any) -> np.ndarray:
+    """A 1-D object array of the rows (numpy refuses to build one from rows of different lengths)."""
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
 
 
 def to_tensor(values: Any, name: str = "?") -> torch.Tensor:
@@ -42,10 +67,17 @@ def to_tensor(values: Any, name: str = "?") -> torch.Tensor:
     if isinstance(values, torch.Tensor):
         t = values
     else:
-        arr = np.asarray(values)
+        try:
+            arr = np.asarray(values)
+        except ValueError:  # rows of different lengths
+            arr = _object_column(values)
         if arr.dtype == object:
+            if arr.ndim == 1 and len(arr) and all(_is_sequence(v) for v in arr):
+                lengths = [len(v) for v in arr]
+                if min(lengths) != max(lengths):
+                    raise RaggedColumnError(name, min(lengths), max(lengths))
             try:
-                arr = np.stack([np.asarray(v) for v in arr]) if arr.ndim == 1 and len(arr) and hasattr(arr[0], "__len__") else arr.astype(np.float64)
+                arr = np.stack([np.asarray(v) for v in arr]) if arr.ndim == 1 and len(arr) and _is_sequence(arr[0]) else arr.astype(np.float64)
             except (TypeError, ValueError) as e:
                 raise TypeError(f"column {name!r} holds non-numeric values (e.g. {arr.flat[0]!r}); encode it first") from e
         if arr.dtype.kind in "US":
@@ -81,7 +113,10 @@ class TensorDictDataset(Dataset):
     """
 
     def __init__(self, x: Mapping[str, Any], y: Any = None) -> None:
-        self.x = {k: to_tensor(v, k) for k, v in x.items()}
+        self._set({k: to_tensor(v, k) for k, v in x.items()}, y)
+
+    def _set(self, x: dict[str, Any], y: Any) -> None:
+        self.x = x
         self.y = None if y is None else to_tensor(y, "label").float()
         lengths = {k: len(v) for k, v in self.x.items()}
         if self.y is not None:
@@ -111,19 +146,55 @@ class TensorDictDataset(Dataset):
         return out
 
 
-class TorchDataset(TensorDictDataset):
+class _RowsOrColumns(TensorDictDataset):
+    """Column tensors, or -- when a column holds sequences of different lengths -- Torch-RecHub's
+    per-row dataset: such columns stay lists of rows, for a DataLoader whose ``collate_fn``
+    pads each batch (the reference's session-based examples do that)."""
+
+    #: columns kept as lists of rows because their lengths differ
+    ragged: tuple[str, ...] = ()
+
+    def __init__(self, x: Mapping[str, Any], y: Any = None) -> None:
+        cols: dict[str, Any] = {}
+        ragged = []
+        for k, v in x.items():
+            try:
+                cols[k] = to_tensor(v, k)
+            except RaggedColumnError:
+                cols[k] = list(v)
+                ragged.append(k)
+        self._set(cols, y)
+        self.ragged = tuple(ragged)
+
+    def __getitem__(self, index: Any) -> Any:
+        if self.ragged and not isinstance(index, (int, np.integer)):
+            k = self.ragged[0]
+            lengths = [len(v) for v in self.x[k]]
+            raise RaggedColumnError(k, min(lengths), max(lengths))
+        return super().__getitem__(index)
+
+    def subset(self, indices: Any) -> TensorDictDataset:
+        if self.ragged:
+            raise NotImplementedError(f"subset of a dataset with ragged columns {list(self.ragged)}; pad them first")
+        return super().subset(indices)
+
+
+class TorchDataset(_RowsOrColumns):
     """Torch-RecHub's ``TorchDataset(x, y)``: feature dict + labels, as column tensors.
 
     A plain ``DataLoader(TorchDataset(x, y), batch_size=...)`` works as in the reference;
-    :func:`make_dataloader` over it takes the batched path.
+    :func:`make_dataloader` over it takes the batched path. A column of sequences of
+    different lengths stays a list of rows, as in the reference: give the DataLoader a
+    ``collate_fn`` that pads them (the batched path needs padded columns).
     """
 
     def __init__(self, x: Mapping[str, Any], y: Any) -> None:
         super().__init__(x, y)
 
 
-class PredictDataset(TensorDictDataset):
-    """Torch-RecHub's ``PredictDataset(x)``: features only, batches are ``x`` dicts."""
+class PredictDataset(_RowsOrColumns):
+    """Torch-RecHub's ``PredictDataset(x)``: features only, batches are ``x`` dicts (columns of
+    sequences of different lengths as in :class:`TorchDataset`)."""
 
     def __init__(self, x: Mapping[str, Any]) -> None:
         super().__init__(x, None)
@@ -348,6 +419,10 @@ def make_dataloader(
     with :class:`ShuffledBatchSampler`, evaluation uses :class:`UnrepeatedBatchSampler`.
     """
     train = shuffle if train is None else train
+    ragged = getattr(dataset, "ragged", ())
+    if ragged:
+        lengths = [len(v) for v in dataset.x[ragged[0]]]  # type: ignore[attr-defined]
+        raise RaggedColumnError(ragged[0], min(lengths), max(lengths))
     n = len(dataset)  # type: ignore[arg-type]
     sampler: _BatchSamplerBase
     if train:
