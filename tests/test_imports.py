@@ -50,3 +50,37 @@ def test_lazy_public_names_resolve_to_the_defining_modules():
         """
     )
     assert "NoSuchThing" in out and "NoSuchMetric" in out
+
+
+def test_every_module_imports_first_without_an_import_cycle():
+    """Each module imported first in a fresh interpreter (forked after the third-party imports)."""
+    out = _run(
+        """
+        import importlib, os, pathlib, sys, traceback
+        import lightning, numpy, pandas, sklearn, torch, torchmetrics  # noqa: F401  (shared, not ours)
+        import rechub_lightning
+        root = pathlib.Path(rechub_lightning.__file__).parent
+        names = sorted(
+            "rechub_lightning." + ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+            for p in root.rglob("*.py")
+        )
+        for m in [m for m in sys.modules if m.startswith("rechub_lightning")]:
+            del sys.modules[m]
+        failed = []
+        for name in names:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    importlib.import_module(name)
+                except BaseException:
+                    traceback.print_exc()
+                    os._exit(1)
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            if status != 0:
+                failed.append(name)
+        print(len(names), failed)
+        """
+    )
+    count, failed = out.splitlines()[-1].split(" ", 1)
+    assert int(count) > 40 and failed == "[]", out

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -28,6 +28,10 @@ from .metrics import auc_score
 from .models.base import returns_logits
 from .modules.base import RecModule, split_batch
 from .modules.ctr import CTRModule
+
+if TYPE_CHECKING:
+    from ._match_trainer import MatchTrainer
+    from ._mtl_trainer import MTLTrainer
 
 __all__ = ["CTRTrainer", "MatchTrainer", "MTLTrainer", "ReferenceLoggerAdapter", "device_config"]
 
@@ -385,5 +389,16 @@ class CTRTrainer(_FacadeBase):
 
 
 # The matching and multi-task facades live in their own files (it subclasses _FacadeBase defined above).
-from ._match_trainer import MatchTrainer  # noqa: E402
-from ._mtl_trainer import MTLTrainer  # noqa: E402
+
+def __getattr__(name: str) -> Any:
+    # MatchTrainer and MTLTrainer live in their own modules, which build on _FacadeBase above:
+    # loaded on first use, so that importing either module first is no import cycle.
+    if name == "MatchTrainer":
+        from ._match_trainer import MatchTrainer
+
+        return MatchTrainer
+    if name == "MTLTrainer":
+        from ._mtl_trainer import MTLTrainer
+
+        return MTLTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

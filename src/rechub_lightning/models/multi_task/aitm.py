@@ -43,20 +43,26 @@ class AttentionLayer(nn.Module):
 
 class AITM(MultiTaskModel):
     """Sequential conversion tasks (impression -> click -> conversion ...) with adaptive
-    information transfer from each task to the next, and the behavioural expectation calibrator.
+    information transfer from each task to the next, and the paper's behavioural expectation
+    calibrator on request.
 
     Every task is binary classification. Task ``t``'s representation attends over its own
     bottom output and the information transferred from task ``t - 1``. The calibrator
     penalises a later step being more likely than the one before it:
     ``calibrator_weight * mean_b sum_{t>=1} max(p_t - p_{t-1}, 0)`` (the paper's ``L_lc``),
-    returned by :meth:`auxiliary_loss` and added to the task losses by the module.
+    returned by :meth:`auxiliary_loss` and added to the task losses by the module. It is off
+    by default, as in Torch-RecHub (which has none): it is right only when the labels are
+    funnel steps in order (click before conversion), and fights the data otherwise -- the
+    reference's own AITM examples list ``[conversion, click]`` or Census' two unrelated labels.
+    ``configs/mtl/aitm.yaml`` turns it on (0.6, the authors' value) for funnel labels.
 
     Args:
         features: input features (list, or a selector resolved against ``schema``; default: all).
         n_task: number of steps (tasks), in funnel order.
         bottom_params: MLP arguments of each task's bottom (``{"dims", "activation", "dropout"}``).
         tower_params_list: MLP arguments of each task tower (one dict per task).
-        calibrator_weight: ``alpha`` of the calibrator loss (0.6 in the authors' code; 0 disables it).
+        calibrator_weight: ``alpha`` of the calibrator loss (0, the default, disables it; the
+            authors use 0.6 with labels in funnel order).
         schema: the datamodule's feature schema (filled in by the CLI).
 
     Shape:
@@ -75,7 +81,7 @@ class AITM(MultiTaskModel):
         bottom_params: dict[str, Any] | None = None,
         tower_params_list: Sequence[dict[str, Any]] | None = None,
         *,
-        calibrator_weight: float = 0.6,
+        calibrator_weight: float = 0.0,
         schema: FeatureSchema | None = None,
     ) -> None:
         super().__init__()
