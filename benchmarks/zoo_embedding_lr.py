@@ -2,6 +2,9 @@
 
     python -m benchmarks.zoo_embedding_lr                         # every config, scales 1 3, seeds 0 1
     python -m benchmarks.zoo_embedding_lr --configs configs/ctr/deepfm.yaml --scales 1 2 3 --seeds 0
+    python -m benchmarks.zoo_embedding_lr --configs configs/match/mind.yaml --temperatures 0.05 0.2 1
+
+``--temperatures`` sweeps a matching model's ``temperature`` instead (tables at scale 1).
 
 Each run is one ``configs/<family>/<model>.yaml`` as a user runs it (``rechub fit``: its data,
 early stopping and best-checkpoint callbacks), with sparse embedding gradients (the CPU
@@ -25,7 +28,7 @@ from typing import Any
 from ._common import child_result, machine, run_child, write_json
 
 
-def run_one(config: str, scale: float, seed: int) -> dict[str, Any]:
+def run_one(config: str, scale: float, seed: int, temperature: float | None = None) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 1)))
@@ -43,6 +46,8 @@ def run_one(config: str, scale: float, seed: int) -> dict[str, Any]:
         "--trainer.enable_model_summary", "false",
         "--model.init_args.sparse_embeddings", "true",
     ]
+    if temperature is not None:
+        args += ["--model.init_args.model.init_args.temperature", str(temperature)]
     t0 = time.perf_counter()
     cli = RecHubCLI(RecModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False, args=args)
     trainer, module, dm = cli.trainer, cli.model, cli.datamodule
@@ -58,6 +63,7 @@ def run_one(config: str, scale: float, seed: int) -> dict[str, Any]:
     out = {
         "config": config,
         "scale": scale,
+        "temperature": temperature,
         "lr": lr,
         "seed": seed,
         "monitor": monitor,
@@ -75,13 +81,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="*", default=None, help="default: every configs/{ctr,mtl,match}/*.yaml")
     p.add_argument("--scales", nargs="*", type=float, default=[1.0, 3.0])
+    p.add_argument("--temperatures", nargs="*", type=float, default=None,
+                   help="sweep the model's temperature instead of the embedding rate (matching configs)")
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
     p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--_child", nargs=3, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_child", nargs=4, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a._child:
-        child_result(run_one(a._child[0], float(a._child[1]), int(a._child[2])))
+        t = None if a._child[3] == "none" else float(a._child[3])
+        child_result(run_one(a._child[0], float(a._child[1]), int(a._child[2]), t))
         return
+    # (embedding-rate scale, temperature) per variant; the first is the baseline
+    variants = [(1.0, t) for t in a.temperatures] if a.temperatures else [(s, None) for s in a.scales]
     configs = a.configs or sorted(
         c for fam in ("ctr", "mtl", "match") for c in glob.glob(f"configs/{fam}/*.yaml")
         if not os.path.basename(c).startswith("weighting_")
@@ -89,24 +100,25 @@ def main() -> None:
     print(f"# machine: {machine()}")
     rows = []
     for config in configs:
-        by_scale: dict[float, list[float]] = {}
-        for scale in a.scales:
+        by_variant: dict[tuple[float, float | None], list[float]] = {}
+        for scale, temperature in variants:
+            name = f"scale {scale:<4g}" if temperature is None else f"temperature {temperature:<4g}"
             for seed in a.seeds:
-                r = run_child("benchmarks.zoo_embedding_lr", config, scale, seed)
+                r = run_child("benchmarks.zoo_embedding_lr", config, scale, seed, "none" if temperature is None else temperature)
                 if r is None:
                     continue
                 rows.append(r)
-                by_scale.setdefault(scale, []).append(r["test"])
+                by_variant.setdefault((scale, temperature), []).append(r["test"])
                 print(
-                    f"{config:34s} scale {scale:<4g} seed {seed}  {r['monitor']:>16s} val {r['best_val']:.4f}"
+                    f"{config:34s} {name} seed {seed}  {r['monitor']:>16s} val {r['best_val']:.4f}"
                     f"  test {r['test']:.4f}  epochs {r['epochs']} (best {r.get('best_epoch')})  {r['seconds']:.0f}s",
                     flush=True,
                 )
-        base = by_scale.get(a.scales[0])
-        for scale in a.scales[1:]:
-            if base and by_scale.get(scale) and len(by_scale[scale]) == len(base):
-                d = sum(x - y for x, y in zip(by_scale[scale], base)) / len(base)
-                print(f"{config:34s} scale {scale:g} vs {a.scales[0]:g}: mean test change {d:+.4f}", flush=True)
+        base = by_variant.get(variants[0])
+        for v in variants[1:]:
+            if base and by_variant.get(v) and len(by_variant[v]) == len(base):
+                d = sum(x - y for x, y in zip(by_variant[v], base)) / len(base)
+                print(f"{config:34s} {v} vs {variants[0]}: mean test change {d:+.4f}", flush=True)
     write_json(a.json, rows)
 
 

@@ -51,9 +51,9 @@ class DSSMSENet(DSSM):
     The field weights are ``sigmoid`` gates by default (the original SE block). The reference
     ends SENET in a ReLU, as FiBiNET does, which switches a field off for good once its
     excitation is negative for every input. Towers have few fields (a one- or two-unit
-    bottleneck): with ReLU, ``configs/match/dssm_senet.yaml`` peaked at Recall@10 0.018 and
-    ended at 0.004 (random: 0.005) as the two-field item tower went dark; with sigmoid gates it
-    reaches 0.087. ``excitation="relu"`` gives the reference's model.
+    bottleneck): with ReLU, ``configs/match/dssm_senet.yaml`` (then at temperature 0.05) peaked
+    at Recall@10 0.018 and ended at 0.004 (random: 0.005) as the two-field item tower went dark;
+    with sigmoid gates it reached 0.087. ``excitation="relu"`` gives the reference's model.
 
     Args:
         user_features, item_features, user_params, item_params, temperature,
