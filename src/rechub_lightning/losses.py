@@ -423,31 +423,31 @@ def in_batch_nce_loss(
     return nce_loss(embeddings @ item_embeddings.transpose(0, 1), targets, temperature, ignore_index, reduction)
 
 
-class NCELoss(nn.Module):
-    """Criterion form of :func:`nce_loss` (Torch-RecHub's ``NCELoss`` arguments)."""
-
-    def __init__(self, temperature: float = 1.0, ignore_index: int | None = 0, reduction: Reduction = "mean") -> None:
+class _NCECriterion(nn.Module):
+    def __init__(self, temperature: float, ignore_index: int | None, reduction: Reduction) -> None:
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.ignore_index = ignore_index
         self.reduction: Reduction = reduction
+
+
+class NCELoss(_NCECriterion):
+    """Criterion form of :func:`nce_loss` (Torch-RecHub's ``NCELoss`` arguments)."""
+
+    def __init__(self, temperature: float = 1.0, ignore_index: int | None = 0, reduction: Reduction = "mean") -> None:
+        super().__init__(temperature, ignore_index, reduction)
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         return nce_loss(logits, targets, self.temperature, self.ignore_index, self.reduction)
 
 
-class InBatchNCELoss(nn.Module):
+class InBatchNCELoss(_NCECriterion):
     """Criterion form of :func:`in_batch_nce_loss` (Torch-RecHub's ``InBatchNCELoss`` arguments)."""
 
     def __init__(self, temperature: float = 0.1, ignore_index: int | None = 0, reduction: Reduction = "mean") -> None:
-        super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
-        self.ignore_index = ignore_index
-        self.reduction: Reduction = reduction
+        super().__init__(temperature, ignore_index, reduction)
 
     def forward(self, embeddings: Tensor, item_embeddings: Tensor, targets: Tensor) -> Tensor:
         return in_batch_nce_loss(embeddings, item_embeddings, targets, self.temperature, self.ignore_index, self.reduction)
