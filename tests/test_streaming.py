@@ -278,10 +278,17 @@ def test_fit_checkpoint_and_predict_from_streamed_preprocessing(criteo, tmp_path
 def test_training_from_parquet_3x_larger_than_memory_cap(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     script = str(SCRIPTS / "stream_ctr.py")
-    run = lambda *a: subprocess.run([sys.executable, script, *a, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)  # noqa: E731
-    for step in ("prepare", "stream", "memory"):
-        res = run(step)
-        assert res.returncode == 0, f"{step} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    start = lambda step: subprocess.Popen(  # noqa: E731
+        [sys.executable, script, step, str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    prepare = start("prepare")
+    out, err = prepare.communicate(timeout=300)
+    assert prepare.returncode == 0, f"prepare failed:\n{out[-3000:]}\n{err[-3000:]}"
+    # one thread each: the two trainings run side by side (peak RSS is measured per process)
+    steps = {"stream": start("stream"), "memory": start("memory")}
+    for step, proc in steps.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{step} failed:\n{out[-3000:]}\n{err[-3000:]}"
     info = json.loads((tmp_path / "prepare.json").read_text())
     stream = json.loads((tmp_path / "stream.json").read_text())
     memory = json.loads((tmp_path / "memory.json").read_text())
