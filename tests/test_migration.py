@@ -348,7 +348,7 @@ def test_early_stopper_decides_as_torch_rechub_and_keeps_the_best_weights():
 
     scores = [0.61, 0.65, 0.64, 0.66, 0.66, 0.63, 0.62, 0.67]
     model = torch.nn.Linear(3, 1)
-    ours, decisions, best = EarlyStopper(patience=2), [], None
+    ours, decisions = EarlyStopper(patience=2), []
     for s in scores:
         with torch.no_grad():
             model.weight.fill_(s)  # weights that record the score they were measured with
