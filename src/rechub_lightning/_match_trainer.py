@@ -23,7 +23,7 @@ from .models.base import returns_logits
 from .modules.base import split_batch
 from .modules.match import MatchModule
 from .retrieval import topk_search
-from .trainers import _FacadeBase, _to_device, exact_auc
+from ._facade import _FacadeBase, _to_device, exact_auc
 
 __all__ = ["MatchTrainer"]
 

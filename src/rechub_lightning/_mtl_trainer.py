@@ -17,7 +17,7 @@ from torch import nn
 
 from .modules.base import split_batch
 from .modules.mtl import MTLModule
-from .trainers import _FacadeBase, _to_device
+from ._facade import _FacadeBase, _to_device
 
 __all__ = ["MTLTrainer"]
 
