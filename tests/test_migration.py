@@ -432,6 +432,9 @@ def test_histories_of_different_lengths_stay_rows_for_a_padding_collate_fn_like_
     assert all(torch.equal(a[0]["hist_item_id"], b[0]["hist_item_id"]) and torch.equal(a[1], b[1]) for a, b in zip(ours, theirs))
     with pytest.raises(RaggedColumnError, match=r"'hist_item_id'.*different lengths \(1 to 4\)"):
         make_dataloader(TorchDataset(SESSIONS, NEXT_ITEM), batch_size=5)
+    copy = __import__("pickle").loads(__import__("pickle").dumps(TorchDataset(SESSIONS, NEXT_ITEM)))  # worker copies
+    with pytest.raises(RaggedColumnError, match=r"'hist_item_id'.*\(1 to 4\)"):
+        copy.check_batched()
     with pytest.raises(RaggedColumnError, match="'h'"):
         to_tensor(__import__("pandas").Series([[1, 2], [3]]), "h")
 

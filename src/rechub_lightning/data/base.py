@@ -118,9 +118,7 @@ def loader_columns(
         return None
     y = getattr(ds, "y", None)
     cols = {k: _checkable(v, k) for k, v in x.items() if names is None or k in names}
-    if y is not None and labels and not isinstance(y, torch.Tensor):
-        y = to_tensor(y, "label")
-    return cols, (None if y is None or not labels else y.float())
+    return cols, (None if y is None or not labels else to_tensor(y, "label").float())
 
 
 def _checkable(values: Any, name: str) -> torch.Tensor:

@@ -45,6 +45,9 @@ class RaggedColumnError(ValueError):
             "batch in the DataLoader's collate_fn"
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (DataLoader workers get a copy of the dataset)
+        return type(self), (self.name, self.shortest, self.longest)
+
 
 def _is_sequence(v: Any) -> bool:
     return hasattr(v, "__len__") and not isinstance(v, (str, bytes))
@@ -156,21 +159,25 @@ class _RowsOrColumns(TensorDictDataset):
 
     def __init__(self, x: Mapping[str, Any], y: Any = None) -> None:
         cols: dict[str, Any] = {}
-        ragged = []
+        self._ragged_errors: list[RaggedColumnError] = []
         for k, v in x.items():
             try:
                 cols[k] = to_tensor(v, k)
-            except RaggedColumnError:
+            except RaggedColumnError as e:
                 cols[k] = list(v)
-                ragged.append(k)
+                self._ragged_errors.append(e)
         self._set(cols, y)
-        self.ragged = tuple(ragged)
+        self.ragged = tuple(e.name for e in self._ragged_errors)
+
+    def check_batched(self) -> None:
+        """Raise :class:`RaggedColumnError` when the batched path (whole-batch indexing) cannot
+        serve this dataset."""
+        if self._ragged_errors:
+            raise self._ragged_errors[0]
 
     def __getitem__(self, index: Any) -> Any:
-        if self.ragged and not isinstance(index, (int, np.integer)):
-            k = self.ragged[0]
-            lengths = [len(v) for v in self.x[k]]
-            raise RaggedColumnError(k, min(lengths), max(lengths))
+        if not isinstance(index, (int, np.integer)):
+            self.check_batched()
         return super().__getitem__(index)
 
     def subset(self, indices: Any) -> TensorDictDataset:
@@ -419,10 +426,8 @@ def make_dataloader(
     with :class:`ShuffledBatchSampler`, evaluation uses :class:`UnrepeatedBatchSampler`.
     """
     train = shuffle if train is None else train
-    ragged = getattr(dataset, "ragged", ())
-    if ragged:
-        lengths = [len(v) for v in dataset.x[ragged[0]]]  # type: ignore[attr-defined]
-        raise RaggedColumnError(ragged[0], min(lengths), max(lengths))
+    if isinstance(dataset, _RowsOrColumns):
+        dataset.check_batched()
     n = len(dataset)  # type: ignore[arg-type]
     sampler: _BatchSamplerBase
     if train:
