@@ -435,12 +435,12 @@ class ParquetStreamDataset(IterableDataset):
         worker each DataLoader worker plays in the resumed pass, rotated so that the cycle
         restarts where the interrupted one stopped.
         """
+        if skip <= 0:
+            return [0] * workers, list(range(workers))
         counts = [_train_batches(b - a, self.batch_size) for a, b in (_share(rows, workers, w) for w in range(workers))]
         skips = [0] * workers
         nxt = 0
         done = 0  # rounds in which every worker with batches left gave one
-        if skip <= 0:
-            return skips, list(range(workers))
         for c in sorted(set(counts)):  # between two distinct counts the set of active workers is fixed
             active = [w for w in range(workers) if counts[w] >= c]
             span = c - done
