@@ -186,6 +186,32 @@ class _FacadeBase:
         rank_zero_info(f"ONNX model written to {output_path}")
         return True
 
+    def visualization(
+        self,
+        input_data: dict[str, torch.Tensor] | None = None,
+        batch_size: int = 2,
+        seq_length: int = 10,
+        depth: int = 3,
+        show_shapes: bool = True,
+        expand_nested: bool = True,
+        save_path: str | None = None,
+        graph_name: str = "model",
+        device: str | None = None,
+        dpi: int = 300,
+        **kwargs: Any,
+    ) -> Any:
+        """Draw the model's computation graph (reference API; needs the ``visualization`` extra).
+
+        See :func:`rechub_lightning.visualization.visualize_model`; ``device=None`` runs on the CPU.
+        """
+        from .visualization import visualize_model
+
+        return visualize_model(
+            self.model, input_data=input_data, batch_size=batch_size, seq_length=seq_length, depth=depth,
+            show_shapes=show_shapes, expand_nested=expand_nested, save_path=save_path, graph_name=graph_name,
+            device=device or "cpu", dpi=dpi, **kwargs,
+        )
+
     # ------------------------------------------------------------------ lightning run
     def trainer_config(self, monitor: str, mode: str, with_validation: bool) -> dict[str, Any]:
         """The ``lightning.Trainer`` arguments ``fit`` uses (exposed for inspection and tests)."""
