@@ -15,7 +15,10 @@ classes are thin wrappers for code that wants a criterion object.
   vocabulary of items with a temperature and a padding target that is ignored
   (Torch-RecHub's ``NCELoss`` / ``InBatchNCELoss``, used by its generative models).
 * :func:`in_batch_negative_scores` -- vectorised in-batch negative sampling
-  (uniform or hardest), the replacement for the reference's per-row loop.
+  (uniform or hardest), the replacement for the reference's per-row loop;
+  :func:`inbatch_negative_sampling` / :func:`gather_inbatch_logits` are the
+  reference's two-step API (indices, then logits) on the same sampler.
+* :func:`get_loss_func` -- the default loss of a task type (logits in).
 * :class:`RegularizationLoss` -- L1/L2 on embedding vs dense parameters,
   same formula as ``torch_rechub.basic.loss_func.RegularizationLoss``.
 """
@@ -37,6 +40,9 @@ __all__ = [
     "list_wise_loss",
     "sampled_softmax_loss",
     "in_batch_negative_scores",
+    "inbatch_negative_sampling",
+    "gather_inbatch_logits",
+    "get_loss_func",
     "nce_loss",
     "NCELoss",
     "in_batch_nce_loss",
@@ -334,16 +340,110 @@ def in_batch_negative_scores(
     invalid = torch.eye(batch_size, dtype=torch.bool, device=scores.device)
     if item_ids is not None:
         invalid = invalid | _accidental_hits(item_ids.to(scores.device), batch_size)
-    fill = masked_fill_value(scores.dtype)
-    masked = scores.masked_fill(invalid, fill)
-    if hard_negative:
-        index = masked.detach().topk(ratio, dim=1).indices
-    else:
-        gen_device = generator.device if generator is not None else scores.device
-        keys = torch.rand((batch_size, batch_size), generator=generator, device=gen_device).to(scores.device)
-        keys = keys.masked_fill(invalid, -1.0)  # valid keys are in [0, 1)
-        index = keys.topk(ratio, dim=1).indices
+    masked = scores.masked_fill(invalid, masked_fill_value(scores.dtype))
+    index = _negative_index(masked, ratio, hard_negative, generator, invalid)
     return torch.diagonal(scores), masked.gather(1, index)
+
+
+def _negative_index(
+    scores: Tensor, ratio: int, hard_negative: bool, generator: torch.Generator | None, invalid: Tensor | None = None
+) -> Tensor:
+    """``(B, ratio)`` column indices: the highest ``scores``, or a uniform draw without replacement.
+
+    The uniform draw takes the top-``ratio`` of i.i.d. uniform keys; ``invalid`` columns (the
+    hard path expects them already masked in ``scores``) are keyed below every valid one.
+    """
+    if hard_negative:
+        return scores.detach().topk(ratio, dim=1).indices
+    gen_device = generator.device if generator is not None else scores.device
+    keys = torch.rand(scores.shape, generator=generator, device=gen_device).to(scores.device)
+    if invalid is not None:
+        keys = keys.masked_fill(invalid, -1.0)  # valid keys are in [0, 1)
+    return keys.topk(ratio, dim=1).indices
+
+
+def _off_diagonal(x: Tensor) -> Tensor:
+    """``(B, B) -> (B, B - 1)``: row ``i`` without column ``i`` (a view when ``x`` is contiguous)."""
+    b = x.shape[0]
+    return x.flatten()[1:].view(b - 1, b + 1)[:, :-1].reshape(b, b - 1)
+
+
+def _square_scores(scores: Tensor, fn: str) -> int:
+    """The batch size of a ``(B, B)`` score matrix, ``B > 1``."""
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"{fn} expects scores as a torch.Tensor, got {type(scores).__name__}")
+    if scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
+        raise ValueError(f"{fn} expects square (B, B) scores, got shape {tuple(scores.shape)}")
+    if scores.shape[0] <= 1:
+        raise ValueError(f"{fn} requires batch_size > 1, got scores of shape {tuple(scores.shape)}")
+    return scores.shape[0]
+
+
+def inbatch_negative_sampling(
+    scores: Tensor,
+    neg_ratio: int | None = None,
+    hard_negative: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """In-batch negative column indices from a ``(B, B)`` similarity matrix, without a per-row loop.
+
+    Torch-RecHub's ``torch_rechub.utils.match.inbatch_negative_sampling`` with the same
+    arguments, defaults and output; row ``i``'s positive is column ``i``, never returned.
+
+    * uniform (default): ``neg_ratio`` distinct columns drawn uniformly without replacement
+      (same distribution as the reference's per-row ``randperm``, other random numbers);
+    * ``hard_negative=True``: the ``neg_ratio`` highest-scoring other columns (the
+      reference's ``topk``).
+
+    Args:
+        scores: ``(B, B)`` scores, ``scores[i, j] = <user_i, item_j>``.
+        neg_ratio: Negatives per row; ``None``, ``<= 0`` or ``> B - 1`` mean ``B - 1``, as in
+            the reference.
+        hard_negative: Pick the hardest negatives instead of uniform ones.
+        generator: Optional generator of the uniform draw (reproducibility).
+
+    Returns:
+        ``(B, neg_ratio)`` int64 column indices, on ``scores``' device.
+
+    Raises:
+        TypeError: If ``scores`` is not a tensor.
+        ValueError: If ``scores`` is not a square 2-D matrix or ``B <= 1``.
+    """
+    batch_size = _square_scores(scores, "inbatch_negative_sampling")
+    max_neg = batch_size - 1
+    ratio = max_neg if neg_ratio is None or neg_ratio <= 0 or neg_ratio > max_neg else int(neg_ratio)
+    # Sampled among the B - 1 other columns, so the positive can never come back (not even for
+    # -inf or NaN scores), then shifted back to column numbers.
+    index = _negative_index(_off_diagonal(scores.detach()), ratio, hard_negative, generator)
+    return index + (index >= torch.arange(batch_size, device=index.device).unsqueeze(1))
+
+
+def gather_inbatch_logits(scores: Tensor, neg_indices: Tensor) -> Tensor:
+    """``[positive, negatives]`` logits per row: ``scores[i, i]`` then ``scores[i, neg_indices[i]]``.
+
+    Torch-RecHub's ``torch_rechub.utils.match.gather_inbatch_logits``; gradients flow into
+    ``scores``.
+
+    Args:
+        scores: ``(B, B)`` scores.
+        neg_indices: ``(B, K)`` integer column indices, e.g. from
+            :func:`inbatch_negative_sampling`.
+
+    Returns:
+        ``(B, 1 + K)`` logits, the positive in column 0 (the layout :func:`list_wise_loss`
+        expects).
+
+    Raises:
+        TypeError: If an argument is not a tensor or ``neg_indices`` is not integer.
+        ValueError: On a non-square ``scores`` or ``neg_indices`` without one row per row of it.
+    """
+    batch_size = _square_scores(scores, "gather_inbatch_logits")
+    if not isinstance(neg_indices, Tensor) or neg_indices.is_floating_point() or neg_indices.is_complex():
+        raise TypeError(f"neg_indices must be an integer tensor, got {getattr(neg_indices, 'dtype', type(neg_indices).__name__)}")
+    if neg_indices.dim() != 2 or neg_indices.shape[0] != batch_size:
+        raise ValueError(f"neg_indices must have shape ({batch_size}, K), got {tuple(neg_indices.shape)}")
+    negatives = scores.gather(1, neg_indices.to(device=scores.device, dtype=torch.long))
+    return torch.cat([torch.diagonal(scores).unsqueeze(1), negatives], dim=1)
 
 
 def nce_loss(
@@ -451,6 +551,33 @@ class InBatchNCELoss(_NCECriterion):
 
     def forward(self, embeddings: Tensor, item_embeddings: Tensor, targets: Tensor) -> Tensor:
         return in_batch_nce_loss(embeddings, item_embeddings, targets, self.temperature, self.ignore_index, self.reduction)
+
+
+_TASK_TYPES = ("classification", "regression")
+
+
+def get_loss_func(task_type: str = "classification") -> nn.Module:
+    """The default training loss of a task type, for our logit-returning models.
+
+    Torch-RecHub's ``torch_rechub.utils.data.get_loss_func``, except that classification gets
+    ``BCEWithLogitsLoss``: our models return logits, where the reference's returned
+    probabilities and got ``BCELoss`` (for a Torch-RecHub model object, which returns
+    probabilities, use ``nn.BCELoss()``).
+
+    Args:
+        task_type: ``"classification"`` or ``"regression"``.
+
+    Returns:
+        ``nn.BCEWithLogitsLoss()`` or ``nn.MSELoss()`` (a new instance).
+
+    Raises:
+        ValueError: On any other ``task_type``.
+    """
+    if task_type == "classification":
+        return nn.BCEWithLogitsLoss()
+    if task_type == "regression":
+        return nn.MSELoss()
+    raise ValueError(f"task_type must be one of {_TASK_TYPES}, got task_type={task_type!r}")
 
 
 class RegularizationLoss(nn.Module):

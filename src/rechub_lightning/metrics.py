@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
@@ -35,6 +35,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .losses import _TASK_TYPES
 
 if TYPE_CHECKING:  # loaded on first use by __getattr__ below
     from ._metric_states import BinaryAUC, GroupAUC, LogLoss, RetrievalTopK
@@ -57,6 +59,7 @@ __all__ = [
     "GroupAUC",
     "RetrievalTopK",
     "TOPK_METRIC_NAMES",
+    "get_metric_func",
 ]
 
 #: Names of the metrics returned by :func:`topk_metrics`, each suffixed ``@k``.
@@ -766,6 +769,30 @@ def novelty_score(
         keep = n > 0
         out[f"novelty@{k}"] = float(per_user[keep].mean()) if bool(keep.any()) else math.nan
     return out
+
+
+def get_metric_func(task_type: str = "classification") -> Callable[..., Any]:
+    """The default validation metric of a task type: sklearn's, as in Torch-RecHub.
+
+    ``torch_rechub.utils.data.get_metric_func``: ``roc_auc_score`` for classification,
+    ``mean_squared_error`` for regression, both called ``metric(y_true, y_score)`` on arrays.
+    AUC is invariant under the sigmoid, so our models' logits give the same value as
+    probabilities; sklearn is imported on the first call.
+
+    Args:
+        task_type: ``"classification"`` or ``"regression"``.
+
+    Returns:
+        :func:`sklearn.metrics.roc_auc_score` or :func:`sklearn.metrics.mean_squared_error`.
+
+    Raises:
+        ValueError: On any other ``task_type``.
+    """
+    if task_type not in _TASK_TYPES:
+        raise ValueError(f"task_type must be one of {_TASK_TYPES}, got task_type={task_type!r}")
+    from sklearn.metrics import mean_squared_error, roc_auc_score
+
+    return roc_auc_score if task_type == "classification" else mean_squared_error
 
 
 # --------------------------------------------------------------------------- Metric classes

@@ -21,6 +21,11 @@ on) before use, so all ranks compute identical weights and write identical
 All state (learnable weights, moving statistics, optimizer moments of the
 task weights) lives in parameters or registered buffers, so it travels with
 ``state_dict`` and Lightning checkpoints when the weighting is a submodule.
+
+For hand-written loops ported from Torch-RecHub, :func:`shared_task_layers`,
+:func:`gradnorm` and :class:`MetaBalanceOptimizer` are ``torch_rechub.utils.mtl``'s
+functional API (``shared_task_layers``, ``gradnorm``, ``MetaBalance``) on the same
+arithmetic (single process: they use plain ``backward`` and no ``reduce_fn``).
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ __all__ = [
     "WEIGHTING_METHODS",
     "build_weighting",
     "all_reduce_mean",
+    "shared_task_layers",
+    "gradnorm",
+    "MetaBalanceOptimizer",
 ]
 
 ReduceFn = Callable[[Tensor], Tensor]
@@ -364,6 +372,26 @@ class _ManualWeighting(LossWeighting):
         return torch.ones(self.n_tasks)
 
 
+def _task_grad_norms(losses: Sequence[Tensor], params: Sequence[Tensor], reduce_fn: ReduceFn | None = None) -> Tensor:
+    """``(T,)`` norms ``||grad_W L_i||`` over all tensors ``W`` in ``params`` (graph retained).
+
+    Computed in float32 at least (float64 stays float64); a tensor a loss does not reach
+    contributes 0.
+    """
+    out = []
+    for loss in losses:
+        grads = _ManualWeighting._grads(loss, params, retain_graph=True)
+        grads = _reduce_tensors([torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)], reduce_fn)
+        sq = torch.stack([g.detach().to(torch.promote_types(g.dtype, torch.float32)).square().sum() for g in grads])
+        out.append(sq.sum().sqrt())
+    return torch.stack(out)
+
+
+def _gradnorm_targets(weighted_norms: Tensor, loss_ratio: Tensor, alpha: float) -> Tensor:
+    """GradNorm's per-task targets ``mean(G) * (L~_i / mean_j L~_j) ** alpha`` (Chen et al. 2018, eq. 1-2)."""
+    return weighted_norms.mean() * (loss_ratio / loss_ratio.mean()).pow(alpha)
+
+
 class GradNorm(_ManualWeighting):
     """GradNorm (Chen, Badrinarayanan, Lee & Rabinovich, ICML 2018).
 
@@ -460,14 +488,7 @@ class GradNorm(_ManualWeighting):
             self.initial_losses.copy_(torch.where(self.initialized, self.initial_losses, values))
             self.initialized.fill_(True)
 
-        grad_norms = []
-        for loss in losses:
-            grads = self._grads(loss, last, retain_graph=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(last, grads)]
-            grads = _reduce_tensors(grads, reduce_fn)
-            sq = torch.stack([g.detach().float().square().sum() for g in grads]).sum()
-            grad_norms.append(sq.sqrt())
-        norms = torch.stack(grad_norms).to(self.task_weights.device)
+        norms = _task_grad_norms(losses, last, reduce_fn).to(self.task_weights)  # float32, on the buffers' device
 
         w = self.task_weights.clone()
         total = sum(w[i].to(loss.dtype).to(loss.device) * loss for i, loss in enumerate(losses))
@@ -481,8 +502,7 @@ class GradNorm(_ManualWeighting):
         with torch.no_grad():
             weighted_norms = w * norms
             loss_ratio = values / self.initial_losses.clamp_min(torch.finfo(torch.float32).tiny)
-            rel_rate = loss_ratio / loss_ratio.mean()
-            target = weighted_norms.mean() * rel_rate.pow(self.alpha)
+            target = _gradnorm_targets(weighted_norms, loss_ratio, self.alpha)
             grad_w = torch.sign(weighted_norms - target) * norms
             self._adam_update(grad_w)
         return total.detach()
@@ -573,13 +593,7 @@ class MetaBalance(_ManualWeighting):
         losses = self._loss_list(task_losses)
         shared, task = self._param_lists(shared_params, task_specific_params)
         n_shared, n_tasks = len(shared), self.n_tasks
-        if self.norm_ema.shape[0] == 0:
-            self.norm_ema = torch.zeros(n_shared, n_tasks, device=self.norm_ema.device)
-        elif self.norm_ema.shape[0] != n_shared:
-            raise ValueError(
-                f"MetaBalance was set up for {self.norm_ema.shape[0]} shared parameters, got {n_shared}"
-            )
-
+        self._check_ema_rows(n_shared)
         per_task: list[list[Tensor | None]] = []
         task_grads: list[Tensor | None] = [None] * len(task)
         params = shared + task
@@ -590,6 +604,40 @@ class MetaBalance(_ManualWeighting):
                 if g is not None:
                     task_grads[k] = g if task_grads[k] is None else task_grads[k] + g
 
+        self._set_grads(shared, self.balance(per_task))
+        self._set_grads(task, task_grads)
+        return torch.stack([x.detach() for x in losses]).sum()
+
+    def _check_ema_rows(self, n_shared: int) -> None:
+        """Create the moving averages on first use; refuse a changed number of shared parameters."""
+        if self.norm_ema.shape[0] == 0:
+            self.norm_ema = torch.zeros(n_shared, self.n_tasks, device=self.norm_ema.device)
+        elif self.norm_ema.shape[0] != n_shared:
+            raise ValueError(
+                f"MetaBalance was set up for {self.norm_ema.shape[0]} shared parameters, got {n_shared}"
+            )
+
+    def balance(self, per_task: Sequence[Sequence[Tensor | None]]) -> list[Tensor | None]:
+        """One MetaBalance update from given per-task gradients of the shared parameters.
+
+        Updates the moving averages and returns the balanced sum; :meth:`step` calls it after
+        computing (and reducing) the gradients, :class:`MetaBalanceOptimizer` after its
+        ``backward`` passes.
+
+        Args:
+            per_task: ``per_task[i][k]``: gradient of task ``i``'s loss for shared parameter
+                ``k`` (``None`` where the loss does not reach it).
+
+        Returns:
+            Per shared parameter, the balanced gradient sum (``None`` where no task reaches it).
+
+        Raises:
+            ValueError: On a wrong number of tasks or a changed number of shared parameters.
+        """
+        if len(per_task) != self.n_tasks:
+            raise ValueError(f"expected gradients of {self.n_tasks} tasks, got {len(per_task)}")
+        n_shared, n_tasks = len(per_task[0]), self.n_tasks
+        self._check_ema_rows(n_shared)
         with torch.no_grad():
             device = self.norm_ema.device
             present = torch.tensor(
@@ -620,9 +668,7 @@ class MetaBalance(_ManualWeighting):
                     g = g.detach() * factor[k, i].to(device=g.device, dtype=g.dtype)  # no host read of the factors
                     acc = g if acc is None else acc + g
                 shared_grads.append(acc)
-        self._set_grads(shared, shared_grads)
-        self._set_grads(task, task_grads)
-        return torch.stack([x.detach() for x in losses]).sum()
+        return shared_grads
 
 
 class PCGrad(_ManualWeighting):
@@ -760,3 +806,235 @@ def build_weighting(adaptive_params: Mapping[str, Any] | None, n_tasks: int) -> 
         raise ValueError(f"unknown argument(s) {unknown} for method {key!r}; accepted: {accepted}")
     return cls(n_tasks, **params)
 
+
+
+# --------------------------------------------------------------------------- Torch-RecHub's functional API
+# torch_rechub.utils.mtl: shared_task_layers, gradnorm, MetaBalance (an optimizer there), for
+# hand-written training loops ported by changing imports.
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``DataParallel``/``DistributedDataParallel`` (``.module``) or ``torch.compile`` (``._orig_mod``)."""
+    for _ in range(4):
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model
+
+
+def shared_task_layers(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Split a multi-task model's parameters into shared and task-specific ones.
+
+    Torch-RecHub's ``torch_rechub.utils.mtl.shared_task_layers``, for our multi-task models
+    (``SharedBottom``, ``MMOE``, ``PLE``, ``AITM``, and also ``ESMM``, which the reference
+    refused), read through ``DataParallel``/DDP/``torch.compile`` wrappers. The split is the
+    model's own (``shared_parameters()`` and the flattened ``task_parameters()``): a parameter
+    is task-specific when only one task's loss reaches it. For SharedBottom and MMOE that is
+    the reference's split (embeddings and bottom/experts shared; towers, and MMOE's gates,
+    task-specific). The reference's fixed module lists disagree with the graph elsewhere, and
+    here the graph decides: PLE's last-level task experts and gates (and, with two or more
+    levels, the task gates of the level before) reach one task only but are shared there;
+    AITM's last bottom reaches only the last task, and its information gates and attentions
+    other than the last ones reach two tasks, yet the reference calls the former shared and
+    the latter task-specific.
+
+    Args:
+        model: one of our multi-task models, possibly wrapped.
+
+    Returns:
+        ``(shared, task)`` lists of parameters: disjoint, together all of the model's.
+
+    Raises:
+        ValueError: If the model has no ``shared_parameters``/``task_parameters`` methods (e.g. a
+            Torch-RecHub model object: use ``torch_rechub.utils.mtl.shared_task_layers`` for it).
+    """
+    inner = _unwrap(model)
+    missing = [m for m in ("shared_parameters", "task_parameters") if not callable(getattr(inner, m, None))]
+    if missing:
+        raise ValueError(
+            f"shared_task_layers needs a rechub_lightning multi-task model; {type(inner).__name__} has no "
+            f"{' and no '.join(m + '()' for m in missing)}"
+        )
+    shared = list(inner.shared_parameters())
+    seen = {id(p) for p in shared}
+    task = []
+    for p in (p for ps in inner.task_parameters() for p in ps):
+        if id(p) not in seen:
+            seen.add(id(p))
+            task.append(p)
+    return shared, task
+
+
+def _tensor_list(share_layer: Tensor | nn.Module | Sequence[Tensor]) -> list[Tensor]:
+    """``share_layer`` as a non-empty list of tensors that require grad."""
+    if isinstance(share_layer, nn.Module):
+        tensors = list(share_layer.parameters())
+    elif isinstance(share_layer, Tensor):
+        tensors = [share_layer]
+    else:
+        tensors = list(share_layer)
+    if not tensors or not all(isinstance(t, Tensor) and t.requires_grad for t in tensors):
+        raise ValueError(
+            "share_layer must be a tensor, a list of tensors or a module, with at least one tensor and all "
+            f"requiring grad; got {type(share_layer).__name__} holding {len(tensors)} item(s)"
+        )
+    return tensors
+
+
+def _check_gradnorm_args(
+    loss_list: Sequence[Tensor], loss_weight: Sequence[Tensor], initial_task_loss: Sequence[Any], alpha: float
+) -> list[float]:
+    """Validate :func:`gradnorm`'s arguments; returns the initial losses as floats."""
+    lengths = {"loss_list": len(loss_list), "loss_weight": len(loss_weight), "initial_task_loss": len(initial_task_loss)}
+    if len(set(lengths.values())) != 1 or lengths["loss_list"] == 0:
+        raise ValueError(f"loss_list, loss_weight and initial_task_loss need the same non-zero length, got {lengths}")
+    if not alpha >= 0:
+        raise ValueError(f"alpha must be >= 0, got alpha={alpha}")
+    for i, w in enumerate(loss_weight):
+        if not isinstance(w, Tensor) or w.numel() != 1 or not w.requires_grad:
+            raise ValueError(f"loss_weight[{i}] must be a one-element tensor that requires grad, got {w!r}")
+    init = [float(x) for x in initial_task_loss]
+    bad = [(i, x) for i, x in enumerate(init) if not x > 0]
+    if bad:
+        raise ValueError(f"initial_task_loss must be > 0, got initial_task_loss[{bad[0][0]}]={bad[0][1]}")
+    return init
+
+
+def gradnorm(
+    loss_list: Sequence[Tensor],
+    loss_weight: Sequence[Tensor],
+    share_layer: Tensor | nn.Module | Sequence[Tensor],
+    initial_task_loss: Sequence[float | Tensor],
+    alpha: float,
+) -> Tensor:
+    """One GradNorm gradient computation (Chen et al., ICML 2018), Torch-RecHub's functional API.
+
+    As ``torch_rechub.utils.mtl.gradnorm``: backpropagates ``sum_i w_i L_i`` into the model's
+    ``.grad`` (accumulating, graph retained), then *replaces* each ``w_i.grad`` by the
+    gradient of the GradNorm loss ``sum_i |G_i - target_i|``, where
+    ``G_i = ||grad_W (w_i L_i)||`` on the shared layer ``W`` and the targets are constants.
+    The caller then steps its optimizer (and renormalises the weights).
+
+    Difference from the reference: the target is the paper's
+    ``target_i = mean(G) * r_i ** alpha`` with ``r_i = L~_i / mean_j L~_j`` and
+    ``L~_i = L_i / L_i(0)``. The reference uses ``mean(G) * (mean_j L~_j) ** alpha``, one target
+    for every task, which ignores which task trains slower. Both agree when all ``L~_i`` are
+    equal to 1 (e.g. the first step) or ``alpha = 0``; the model gradients are always the same.
+
+    ``share_layer`` may be a tensor (the reference's use), a list of tensors or a module; ``G_i``
+    is the norm over all of them (for one tensor, the reference's ``gygw[0]``).
+
+    Args:
+        loss_list: the ``T`` task losses, with graph.
+        loss_weight: ``T`` one-element weight tensors requiring grad (e.g. an
+            ``nn.ParameterList`` of ``nn.Parameter(torch.ones(1))``).
+        share_layer: the shared parameters ``W`` the norms are measured on.
+        initial_task_loss: ``L_i(0)``, the losses of the first step (floats or tensors), > 0.
+        alpha: the restoring-force strength, >= 0 (the reference's trainer uses 0.16).
+
+    Returns:
+        The GradNorm loss value (detached; the reference returns ``None``).
+
+    Raises:
+        ValueError: On lengths that differ, ``alpha < 0``, an initial loss ``<= 0``, a weight that
+            is not a one-element tensor requiring grad or an empty ``share_layer``.
+    """
+    losses, weights = list(loss_list), list(loss_weight)
+    init = _check_gradnorm_args(losses, weights, list(initial_task_loss), alpha)
+    params = _tensor_list(share_layer)
+    norms = _task_grad_norms(losses, params)  # ||grad_W L_i||
+    total = sum(w * loss for w, loss in zip(weights, losses))
+    total.backward(retain_graph=True)  # type: ignore[union-attr]
+    with torch.no_grad():
+        w = torch.stack([x.detach().reshape(()) for x in weights]).to(norms)
+        values = torch.stack([x.detach().reshape(()) for x in losses]).to(norms)
+        weighted = w.abs() * norms  # G_i = ||w_i grad_W L_i||
+        target = _gradnorm_targets(weighted, values / torch.tensor(init).to(norms), alpha)
+        grad_w = torch.sign(weighted - target) * torch.sign(w) * norms
+        for x, g in zip(weights, grad_w):
+            x.grad = torch.empty_like(x).copy_(g)  # x's own layout, so later backward passes accumulate in place
+    return (weighted - target).abs().sum()
+
+
+class MetaBalanceOptimizer(torch.optim.Optimizer):
+    """Torch-RecHub's optimizer-style MetaBalance (``torch_rechub.utils.mtl.MetaBalance``).
+
+    ``step(losses)`` backpropagates every task loss and writes into ``.grad`` of the
+    parameters it was given (the shared ones) the MetaBalance sum: task 0's gradient plus each
+    auxiliary gradient rescaled towards task 0's moving-average magnitude (see
+    :class:`MetaBalance`, which does the arithmetic). It does not update parameters: step your
+    own optimizer(s) afterwards, as the reference's trainer does. Every other parameter the
+    losses reach accumulates the plain sum of the task gradients, as the reference's
+    ``loss.backward()`` per task leaves it.
+
+    Differences from the reference (its defects): a task that does not reach a parameter is
+    skipped for that parameter instead of ``break`` ing out of the whole parameter group;
+    the moving averages live in the optimizer state (``state_dict``), not in ad-hoc
+    attributes of the parameters; no ``1e-5`` in the scaling denominator; the given parameters'
+    ``.grad`` is replaced (the reference added a stale gradient left from before ``step`` into
+    task 0's).
+
+    Args:
+        params: the shared parameters (or parameter groups, which may set their own
+            ``relax_factor``/``beta``).
+        relax_factor: ``r`` in ``[0, 1)`` (default 0.7).
+        beta: moving-average coefficient in ``[0, 1)`` (default 0.9).
+
+    Raises:
+        ValueError: On ``relax_factor`` or ``beta`` outside ``[0, 1)``.
+    """
+
+    def __init__(self, params: Any, relax_factor: float = 0.7, beta: float = 0.9) -> None:
+        if not 0.0 <= relax_factor < 1.0:
+            raise ValueError(f"relax_factor must be in [0, 1), got relax_factor={relax_factor}")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got beta={beta}")
+        super().__init__(params, {"relax_factor": relax_factor, "beta": beta})
+
+    def _balancer(self, group: dict[str, Any], n_tasks: int) -> MetaBalance:
+        """A :class:`MetaBalance` holding this group's moving averages (from the optimizer state)."""
+        params = group["params"]
+        balancer = MetaBalance(n_tasks, group["relax_factor"], group["beta"])
+        rows = [self.state[p].get("norm_ema") for p in params]
+        if any(r is None for r in rows):
+            balancer.norm_ema = torch.zeros(len(params), n_tasks, device=params[0].device)
+        elif rows[0].shape[0] != n_tasks:
+            raise ValueError(f"MetaBalanceOptimizer was stepped with {rows[0].shape[0]} losses before, got {n_tasks}")
+        else:
+            balancer.norm_ema = torch.stack(rows)
+        return balancer
+
+    def step(self, losses: Sequence[Tensor]) -> None:  # type: ignore[override]
+        """Backpropagate each loss and write the balanced gradients (task 0 is the target).
+
+        Args:
+            losses: the task losses, with graph (retained, as in the reference).
+
+        Raises:
+            ValueError: On no losses or a changed number of losses.
+            RuntimeError: On sparse gradients.
+        """
+        losses = list(losses)
+        if not losses:
+            raise ValueError("losses is empty: give one loss per task")
+        params = [p for group in self.param_groups for p in group["params"]]
+        per_task: list[list[Tensor | None]] = []
+        for loss in losses:
+            for p in params:
+                p.grad = None  # each backward leaves task i's own gradient on the given parameters
+            loss.backward(retain_graph=True)
+            grads = [p.grad for p in params]
+            _check_dense(grads)
+            per_task.append(grads)
+        start = 0
+        for group in self.param_groups:
+            n = len(group["params"])
+            balancer = self._balancer(group, len(losses))
+            balanced = balancer.balance([grads[start : start + n] for grads in per_task])
+            for p, row, g in zip(group["params"], balancer.norm_ema.unbind(0), balanced):
+                self.state[p]["norm_ema"] = row
+                p.grad = None if g is None else g.detach()
+            start += n

@@ -11,6 +11,7 @@ from .preprocessing import CategoryEncoder, DenseScaler, Preprocessor
 from .streaming import ParquetSource, ParquetStreamDataset, StreamDataLoader
 from .sequence import (
     array_replace_with_dict,
+    create_seq_features,
     df_to_dict,
     gen_model_input,
     generate_seq_feature,
@@ -48,6 +49,7 @@ __all__ = [
     "make_census_like",
     "pad_sequences",
     "generate_seq_feature",
+    "create_seq_features",
     "generate_seq_feature_match",
     "gen_model_input",
     "df_to_dict",

@@ -48,6 +48,10 @@ Deliberate differences from the reference (each one fixes a defect of it):
 7. ``generate_seq_feature_match`` no longer fails with ``UnboundLocalError`` when no
    user yields a training row, validates ``mode``/``sample_method`` up front and
    raises ``ValueError`` instead of ``assert``.
+8. ``create_seq_features`` keeps the reference's rows (only a user's first ``max_len``
+   events, the stable (user, time) sort) but not its leak: the reference appends every test
+   row to train as well. Its random draws are the reference's, so after the same seed the
+   validation and test frames are equal and train lacks exactly those rows.
 
 Negative sampling ``randint(1, n_items)`` over the 1-based encoded ids is correct in
 the reference (ids are exactly ``1..n_items``) and is kept.
@@ -66,6 +70,7 @@ import pandas as pd
 __all__ = [
     "pad_sequences",
     "generate_seq_feature",
+    "create_seq_features",
     "df_to_dict",
     "array_replace_with_dict",
     "neg_sample",
@@ -409,6 +414,148 @@ def neg_sample(click_hist: Iterable[Any], item_size: int, rng: random.Random | N
     return neg
 
 
+class _Events(NamedTuple):
+    """A frame's events as 1-based codes, grouped by user (in id order) and sorted by time."""
+
+    uids: np.ndarray  # code of each kept user
+    lens: np.ndarray  # events per kept user
+    uidx: np.ndarray  # per event: index of its user in ``uids``
+    pos: np.ndarray  # per event: position within its user
+    items: np.ndarray  # per event: item code
+    attrs: dict[str, np.ndarray]  # per event: attribute codes
+    negs: np.ndarray  # per event: one sampled negative item
+    item2attr: dict[str, np.ndarray]  # item code -> attribute code of the item's last input row
+
+
+def _check_max_len(max_len: int) -> int:
+    max_len = int(max_len)
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got max_len={max_len}")
+    return max_len
+
+
+def _encode_in_place(data: pd.DataFrame) -> None:
+    """Replace every column by its 1-based codes (the reference's ``LabelEncoder`` + 1, in place)."""
+    for c in list(data.columns):
+        data[c] = _codes(data[c])
+
+
+def _user_events(
+    data: pd.DataFrame,
+    user_col: str,
+    item_col: str,
+    time_col: str,
+    attrs: Sequence[str],
+    min_len: int,
+    rng: Any,
+    first_n: int | None = None,
+) -> _Events:
+    """Encode, sort by (user, time), drop users with fewer than ``min_len`` events, keep each
+    user's first ``first_n`` events (all when ``None``) and draw one negative per kept event as
+    the reference's ``neg_sample`` loop does (user after user, outside his kept events)."""
+    user_raw, user_uniques = pd.factorize(data[user_col], sort=True, use_na_sentinel=False)
+    user = user_raw.astype(np.int64) + 1
+    item = _codes(data[item_col])
+    n_items = int(item.max()) if len(item) else 0
+    attr_codes = {c: _codes(data[c]) for c in attrs}
+    # item -> attribute of its last row in input order (the reference's dict built before sorting)
+    item2attr = {}
+    if len(item):
+        uniq, first_rev = np.unique(item[::-1], return_index=True)
+        last = len(item) - 1 - first_rev
+        for c in attrs:
+            m = np.zeros(n_items + 1, dtype=np.int64)
+            m[uniq] = attr_codes[c][last]
+            item2attr[c] = m
+
+    # Stable sort by time, then by user: groups in user order, events in time order.
+    order = _stable_time_order(data[time_col])
+    order = order[np.argsort(user[order], kind="stable")]
+    uids, starts, lens = np.unique(user[order], return_index=True, return_counts=True)
+    keep_user = lens >= min_len
+    ev_keep = np.repeat(keep_user, lens)
+    if first_n is not None:
+        ev_keep &= np.arange(len(order)) - np.repeat(starts, lens) < first_n
+        lens = np.minimum(lens, first_n)
+    order = order[ev_keep]
+    uids, lens = uids[keep_user], lens[keep_user]
+    n_users = len(uids)
+    starts = np.zeros(n_users, dtype=np.int64)
+    np.cumsum(lens[:-1], out=starts[1:])
+    uidx = np.repeat(np.arange(n_users, dtype=np.int64), lens)
+    item_k = item[order]
+
+    # One negative per event (the reference draws len(pos_list) per user, using 1..len-1).
+    hist_keys = np.unique(uidx * (n_items + 1) + item_k)
+    n_distinct = np.bincount(hist_keys // (n_items + 1), minlength=n_users) if len(hist_keys) else np.zeros(n_users, np.int64)
+    negs = _draw_history_negatives(rng, lens, hist_keys, n_distinct, n_items, np.asarray(user_uniques)[uids - 1].tolist())
+    pos = np.arange(len(item_k), dtype=np.int64) - np.repeat(starts, lens)
+    attrs_k = {c: attr_codes[c][order] for c in attrs}
+    return _Events(uids, lens, uidx, pos, item_k, attrs_k, negs, item2attr)
+
+
+def _split_positions(ev: _Events, shuffle: bool, rng: Any, leaky_train: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per split (train, validation, test): the target events ``g`` and the row order.
+
+    Row ``r`` of a split is ``g[r // 2]``'s positive (``r`` even) or negative (odd); the
+    returned order is the shuffled one. A user's last position is the test row, the one
+    before the validation row, the others (``>= 1``) train rows. With ``leaky_train`` the
+    shuffle of train is drawn over ``create_seq_features``' reference list, which also holds
+    every user's last position, and those rows are then left out: the random stream is
+    consumed as the reference consumes it.
+    """
+    user_len = np.repeat(ev.lens, ev.lens)
+    split = np.where(ev.pos == user_len - 1, 2, np.where(ev.pos == user_len - 2, 1, 0))
+    split[ev.pos < 1] = -1
+    out = []
+    for s in (0, 1, 2):
+        listed = split == s
+        if s == 0 and leaky_train:
+            listed |= split == 2  # the reference's train list also holds each user's last position
+        g = np.flatnonzero(listed)  # in the reference's order: user after user, by position
+        rows = _shuffle_perm(rng, 2 * len(g)) if shuffle else np.arange(2 * len(g))
+        out.append((g, rows[split[g[rows // 2]] == s]))
+    return out
+
+
+class _Rows(NamedTuple):
+    label: np.ndarray
+    target: np.ndarray
+    user: np.ndarray
+    hist: dict[str | None, list[list[int]]]  # None: the item history; else an attribute's
+    target_attrs: dict[str, np.ndarray]
+
+
+def _window_rows(ev: _Events, g: np.ndarray, rows: np.ndarray, max_len: int, own_attrs: bool = False) -> _Rows:
+    """The columns of the rows ``rows`` over target events ``g`` (see :func:`_split_positions`).
+
+    A row's history is the last ``min(pos, max_len)`` items before its target, left-aligned and
+    zero-padded to ``max_len``; its negative row has the sampled item. A target's attributes
+    are its item's in ``item2attr``, or with ``own_attrs`` the event's own for a positive.
+    """
+    h = np.minimum(ev.pos[g], max_len)
+    pad_mask = np.arange(max_len)[None, :] >= h[:, None]
+    pos_idx = rows // 2
+    is_neg = (rows % 2).astype(bool)
+    gi = g[pos_idx]
+    target = np.where(is_neg, ev.negs[gi], ev.items[gi])
+    pos_list = pos_idx.tolist()
+
+    def hist(seq: np.ndarray) -> list[list[int]]:
+        win = np.lib.stride_tricks.sliding_window_view(np.concatenate([seq, np.zeros(max_len, dtype=seq.dtype)]), max_len)
+        w = win[g - h]
+        w[pad_mask] = 0
+        lists = w.tolist()
+        return [lists[k] for k in pos_list]  # a position's two rows share one list, as in the reference
+
+    hists: dict[str | None, list[list[int]]] = {None: hist(ev.items)}
+    hists.update({c: hist(a) for c, a in ev.attrs.items()})
+    target_attrs = {c: ev.item2attr[c][target] for c in ev.attrs}
+    if own_attrs:
+        target_attrs = {c: np.where(is_neg, a, ev.attrs[c][gi]) for c, a in target_attrs.items()}
+    return _Rows((~is_neg).astype(np.int64), target, ev.uids[ev.uidx[gi]], hists, target_attrs)
+
+
 def generate_seq_feature(
     data: pd.DataFrame,
     user_col: str,
@@ -457,97 +604,99 @@ def generate_seq_feature(
     """
     attrs = list(item_attribute_cols or [])
     _require_columns(data, [user_col, item_col, time_col, *attrs])
-    max_len = int(max_len)
-    if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got max_len={max_len}")
+    max_len = _check_max_len(max_len)
     rng = _py_rng(seed)
-
-    user_raw, user_uniques = pd.factorize(data[user_col], sort=True, use_na_sentinel=False)
-    user = user_raw.astype(np.int64) + 1
-    item = _codes(data[item_col])
-    n_items = int(item.max()) if len(item) else 0
-    attr_codes = {c: _codes(data[c]) for c in attrs}
-    # item -> attribute of its last row in input order (the reference's dict built before sorting)
-    item2attr = {}
-    if len(item):
-        uniq, first_rev = np.unique(item[::-1], return_index=True)
-        last = len(item) - 1 - first_rev
-        for c in attrs:
-            m = np.zeros(n_items + 1, dtype=np.int64)
-            m[uniq] = attr_codes[c][last]
-            item2attr[c] = m
-
-    # Stable sort by time, then by user: groups in user order, events in time order.
-    order = _stable_time_order(data[time_col])
-    order = order[np.argsort(user[order], kind="stable")]
-    user_s, item_s = user[order], item[order]
-    attr_s = {c: attr_codes[c][order] for c in attrs}
-
-    uids, starts, lens = np.unique(user_s, return_index=True, return_counts=True)
-    keep_user = lens >= min_item
-    # flat arrays of the kept users only
-    ev_keep = np.repeat(keep_user, lens)
-    item_k = item_s[ev_keep]
-    attr_k = {c: attr_s[c][ev_keep] for c in attrs}
-    uids, lens = uids[keep_user], lens[keep_user]
-    n_users = len(uids)
-    starts = np.zeros(n_users, dtype=np.int64)
-    np.cumsum(lens[:-1], out=starts[1:])
-    uidx = np.repeat(np.arange(n_users, dtype=np.int64), lens)
-
-    # One negative per event (the reference draws len(pos_list) per user, using 1..len-1).
-    hist_keys = np.unique(uidx * (n_items + 1) + item_k)
-    n_distinct = np.bincount(hist_keys // (n_items + 1), minlength=n_users) if len(hist_keys) else np.zeros(n_users, np.int64)
-    neg_k = _draw_history_negatives(rng, lens, hist_keys, n_distinct, n_items, np.asarray(user_uniques)[uids - 1].tolist())
-
-    pos_in_user = np.arange(len(item_k), dtype=np.int64) - np.repeat(starts, lens)
-    user_len = np.repeat(lens, lens)
-    is_row = pos_in_user >= 1
-    split = np.where(pos_in_user == user_len - 1, 2, np.where(pos_in_user == user_len - 2, 1, 0))
-
-    padded_items = np.concatenate([item_k, np.zeros(max_len, dtype=np.int64)])
-    padded_attrs = {c: np.concatenate([attr_k[c], np.zeros(max_len, dtype=np.int64)]) for c in attrs}
-    win_items = np.lib.stride_tricks.sliding_window_view(padded_items, max_len)
-    win_attrs = {c: np.lib.stride_tricks.sliding_window_view(padded_attrs[c], max_len) for c in attrs}
-    col_idx = np.arange(max_len)
-
+    ev = _user_events(data, user_col, item_col, time_col, attrs, int(min_item), rng)
     col_name = ["label", "target_item_id", user_col, "hist_item_id"]
     for c in attrs:
         col_name += ["hist_" + c, "target_" + c]
-
     frames = []
-    for s in (0, 1, 2):
-        g = np.flatnonzero(is_row & (split == s))  # target event positions, in reference order
-        h = np.minimum(pos_in_user[g], max_len)
-        pad_mask = col_idx[None, :] >= h[:, None]
-        # Unshuffled row 2p is position p's positive, row 2p + 1 its negative; the shuffle
-        # puts unshuffled row perm[j] at j.
-        rows = _shuffle_perm(rng, 2 * len(g)) if shuffle else np.arange(2 * len(g))
-        pos_idx = rows // 2
-        is_neg = (rows % 2).astype(bool)
-        gi = g[pos_idx]
-        target = np.where(is_neg, neg_k[gi], item_k[gi])
-        pos_list = pos_idx.tolist()
-
-        def hist(win: np.ndarray) -> list[list[int]]:
-            w = win[g - h]
-            w[pad_mask] = 0
-            lists = w.tolist()
-            return [lists[k] for k in pos_list]  # a position's two rows share one list, as in the reference
-
-        cols: dict[str, Any] = {
-            "label": (~is_neg).astype(np.int64),
-            "target_item_id": target,
-            user_col: uids[uidx[gi]],
-            "hist_item_id": hist(win_items),
-        }
+    for g, rows in _split_positions(ev, shuffle, rng, leaky_train=False):
+        r = _window_rows(ev, g, rows, max_len)
+        cols: dict[str, Any] = {"label": r.label, "target_item_id": r.target, user_col: r.user, "hist_item_id": r.hist[None]}
         for c in attrs:
-            cols["hist_" + c] = hist(win_attrs[c])
-            cols["target_" + c] = item2attr[c][target]
+            cols["hist_" + c] = r.hist[c]
+            cols["target_" + c] = r.target_attrs[c]
         frames.append(pd.DataFrame(cols, columns=col_name))
     if inplace:  # after sampling: the codes above were computed from the raw values
-        for c in list(data.columns):
-            data[c] = _codes(data[c])
+        _encode_in_place(data)
+    return frames[0], frames[1], frames[2]
+
+
+_CSF_COLUMNS = ("user_id", "item_id", "cate_id", "time")
+
+
+def create_seq_features(
+    data: pd.DataFrame,
+    seq_feature_col: Sequence[str] = ("item_id", "cate_id"),
+    max_len: int = 50,
+    drop_short: int = 3,
+    shuffle: bool = True,
+    seed: int | random.Random | None = None,
+    inplace: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Sliding-window item and category histories, Torch-RecHub's ``create_seq_features``.
+
+    Every column is label-encoded to ``1..n`` (0 is padding). Users with fewer than
+    ``drop_short`` events are dropped; of each other user (by id), sorted by time, only the
+    *first* ``max_len`` events are used, as in the reference. Each position ``i >= 1`` of them
+    makes a positive row (the item and category at ``i``, label 1) and a negative row (a random
+    item outside those events and the category of its last input row, label 0), both with the
+    items and categories before ``i``, zero-padded on the right to ``max_len``. A user's last
+    position goes to test, the one before to validation, the others to train. (Unlike
+    :func:`generate_seq_feature`, a positive's category is the event's own.)
+
+    Same rows, columns and random draws as the reference (Python's :mod:`random`: the
+    negatives user after user, then ``shuffle`` of train, validation and test), except that
+    the reference also appends every test row to train (its ``if i == last`` is followed by
+    ``if i == last - 1 ... else``): here a user's last position is in test only. The train
+    shuffle still draws as many numbers as the reference's, so after the same ``random.seed``
+    the validation and test frames are the reference's and train is the reference's train
+    without those rows, in the same order.
+
+    Args:
+        data: interactions with columns ``user_id``, ``item_id``, ``cate_id``, ``time``. With
+            ``inplace`` (default, as the reference) every column of it is replaced by its
+            1-based codes.
+        seq_feature_col: accepted for compatibility: the reference ignores it and always
+            builds the ``item_id`` and ``cate_id`` histories, and so does this function; its
+            columns must exist.
+        max_len: history length; only each user's first ``max_len`` events are used.
+        drop_short: users with fewer events (before truncation) are dropped.
+        shuffle: shuffle each split's rows.
+        seed: seed of a private ``random.Random`` (equal to ``random.seed(seed)`` before the
+            reference call); ``None`` consumes the global :mod:`random` state.
+        inplace: label-encode ``data`` in place as the reference does; ``False`` leaves it alone.
+
+    Returns:
+        ``(train, val, test)`` frames with columns ``user_id, history_item, history_cate,
+        target_item, target_cate, label``; history cells are lists of ``max_len`` ints.
+
+    Raises:
+        ValueError: a missing column, ``max_len < 1``, ``drop_short < 0``, or a user whose
+            first ``max_len`` events hold every item (the reference loops forever there).
+    """
+    feats = [seq_feature_col] if isinstance(seq_feature_col, str) else list(seq_feature_col)
+    _require_columns(data, dict.fromkeys([*_CSF_COLUMNS, *feats]))
+    max_len = _check_max_len(max_len)
+    if int(drop_short) < 0:
+        raise ValueError(f"drop_short must be >= 0, got drop_short={drop_short}")
+    rng = _py_rng(seed)
+    ev = _user_events(data, "user_id", "item_id", "time", ["cate_id"], int(drop_short), rng, first_n=max_len)
+    frames = []
+    for g, rows in _split_positions(ev, shuffle, rng, leaky_train=True):
+        r = _window_rows(ev, g, rows, max_len, own_attrs=True)
+        cols = {
+            "user_id": r.user,
+            "history_item": r.hist[None],
+            "history_cate": r.hist["cate_id"],
+            "target_item": r.target,
+            "target_cate": r.target_attrs["cate_id"],
+            "label": r.label,
+        }
+        frames.append(pd.DataFrame(cols))
+    if inplace:
+        _encode_in_place(data)
     return frames[0], frames[1], frames[2]
 
 
