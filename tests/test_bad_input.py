@@ -256,6 +256,108 @@ CASES += [
 ]
 
 
+# ---------------------------------------------------------------- probed later (adversarial pass)
+def ctr_fit_with(x=None, y=None, split=None, batch_size=50, features=None, **trainer_kw):
+    """DataGenerator -> CTRTrainer.fit, with the knobs the cases below turn."""
+    from rechub_lightning import CTRTrainer
+    from rechub_lightning.data import DataGenerator
+
+    x = columns() if x is None else x
+    y = labels(len(next(iter(x.values())))) if y is None else y
+    dg = DataGenerator(x, y)
+    if split is not None:
+        tr, va, _ = dg.generate_dataloader(split_ratio=split, batch_size=batch_size)
+    else:
+        tr, va, _ = dg.generate_dataloader(x_val=x, y_val=y, x_test=x, y_test=y, batch_size=batch_size)
+    feats = features or TWO + [DenseFeature("d")]
+    model = DeepFM(feats, [f for f in feats if not isinstance(f, DenseFeature)], MLP)
+    kw = {"n_epoch": 1, "model_path": str(_tmp / "late"), "trainer_kwargs": quiet_trainer_kwargs(), **trainer_kw}
+    CTRTrainer(model, **kw).fit(tr, va)
+
+
+def in_batch_one_row():
+    from rechub_lightning import MatchTrainer
+    from rechub_lightning.data import MatchDataGenerator
+    from rechub_lightning.models.matching import DSSM
+
+    user, item = SparseFeature("user_id", 20, embed_dim=8), SparseFeature("item_id", 30, embed_dim=8)
+    x = {"user_id": np.arange(40) % 20, "item_id": np.arange(40) % 30}
+    tr, _, _ = MatchDataGenerator(x, np.ones(40, dtype="float32")).generate_dataloader({"user_id": np.arange(5)}, {"item_id": np.arange(30)}, batch_size=1)
+    no_bn = {"dims": [8], "batch_norm": False}
+    model = DSSM([user], [item], no_bn, no_bn)
+    MatchTrainer(model, mode=0, in_batch_neg=True, n_epoch=1, model_path=str(_tmp / "inb"), trainer_kwargs=quiet_trainer_kwargs()).fit(tr)
+
+
+def load_other_models_checkpoint():
+    """A DeepFM checkpoint restored into a DCN module (``rechub predict --config dcn.yaml --ckpt_path deepfm.ckpt``)."""
+    from rechub_lightning.models.base import model_spec
+    from rechub_lightning.models.ranking import DCN
+
+    deepfm = DeepFM(TWO + [DenseFeature("d")], TWO, MLP)
+    ckpt = {"hyper_parameters": {"model": model_spec(deepfm)}, "state_dict": {}}
+    CTRModule(DCN(TWO + [DenseFeature("d")], 2, MLP)).on_load_checkpoint(ckpt)
+
+
+def unreadable_csv():
+    path = _tmp / "empty.csv"
+    path.write_text("")
+    CTRDataModule(path=str(path))
+
+
+def not_a_checkpoint():
+    from rechub_lightning.checkpoint import read_checkpoint
+
+    path = _tmp / "rows.csv"
+    frame().to_csv(path, index=False)
+    read_checkpoint(str(path))
+
+
+CASES += [
+    # Torch-RecHub API: DataGenerator / CTRTrainer / MatchTrainer arguments
+    ("DataGenerator: split_ratio summing past 1", lambda: ctr_fit_with(split=[0.8, 0.5]), ValueError, "split_ratio=(0.8, 0.5)"),
+    ("CTRTrainer: empty training split", lambda: ctr_fit_with(split=[0.0, 0.5]), ValueError, "training data is empty"),
+    ("CTRTrainer: empty validation split", lambda: ctr_fit_with(split=[0.9, 0.0]), ValueError, "validation data is empty"),
+    ("CTRTrainer: n_epoch=-1 (Lightning: no limit)", lambda: ctr_fit_with(n_epoch=-1), ValueError, "n_epoch=-1"),
+    ("CTRTrainer.fit with n_epoch=0", lambda: ctr_fit_with(n_epoch=0), ValueError, "n_epoch=0"),
+    ("CTRTrainer: negative earlystop_patience", lambda: ctr_fit_with(earlystop_patience=-1), ValueError, "earlystop_patience=-1"),
+    ("CTRTrainer: device 'gpu'", lambda: ctr_fit_with(device="gpu"), ValueError, "device='gpu'"),
+    ("CTRTrainer: dense column wider than its embed_dim", lambda: ctr_fit_with(columns(d=np.ones((200, 3), dtype="float32"))),
+     ValueError, "dense feature 'd' in training data must have 1 value(s) per row"),
+    ("CTRTrainer: two ids per row in a sparse column", lambda: ctr_fit_with(columns(a=np.ones((200, 2), dtype="int64"))),
+     ValueError, "sparse feature 'a' in training data must hold one id per row"),
+    ("CTRTrainer: a 1-D column for a sequence feature", lambda: ctr_fit_with(
+        {**columns(), "hist": np.arange(200) % 10}, features=TWO + [SequenceFeature("hist", 10, embed_dim=4, shared_with="a")]),
+     ValueError, "sequence feature 'hist' in training data must be a (rows, length) matrix"),
+    ("CTRTrainer: shared history id past its owner's vocabulary", lambda: ctr_fit_with(
+        {**columns(), "hist": with_value(np.arange(400).reshape(200, 2) % 10, (7, 1), 12)},
+        features=TWO + [SequenceFeature("hist", 20, embed_dim=4, shared_with="a")]),
+     ValueError, "'hist' in training data has id 12 outside [0, 10) (it shares the table of 'a'"),
+    ("CTRTrainer: last batch of one row with BatchNorm", lambda: ctr_fit_with(columns(201), batch_size=50), ValueError, "batch_size=50"),
+    ("MatchTrainer: in_batch_neg with batch_size 1", in_batch_one_row, ValueError, "in_batch_neg=True"),
+    ("SparseFeature: fractional embed_dim", lambda: SparseFeature("city", 10, embed_dim=2.5), TypeError, "'city': embed_dim must be an int, got 2.5"),
+    ("SparseFeature: fractional padding_idx", lambda: SparseFeature("city", 10, padding_idx=2.5), TypeError, "'city': padding_idx"),
+    ("DenseFeature: text embed_dim", lambda: DenseFeature("age", "x"), TypeError, "'age': embed_dim must be an int, got 'x'"),
+    # datamodules (programmatic Lightning and the CLI's --data.*)
+    ("label column also a feature", lambda: CTRDataModule(data=frame(), sparse_features=["city", "label"], dense_features=["age"]),
+     ValueError, "sparse_features names the label column(s) ['label']"),
+    ("sparse_features as a string", lambda: CTRDataModule(data=frame(), sparse_features="city", dense_features=["age"]),
+     TypeError, "sparse_features must be a list of column names, got the string 'city'"),
+    ("max_len 0 (empties every history)", lambda: CTRDataModule(data=frame(hist=["1|2"] * 60), sequence_features=["hist"], max_len=0),
+     ValueError, "max_len=0"),
+    ("eval_batch_size 0", lambda: CTRDataModule(data=frame(), eval_batch_size=0), ValueError, "eval_batch_size=0"),
+    ("MatchDataModule: eval_batch_size 0", lambda: __import__("rechub_lightning.data", fromlist=["x"]).MatchDataModule(
+        synthetic_users=30, eval_batch_size=0), ValueError, "eval_batch_size=0"),
+    ("fractional batch_size", lambda: CTRDataModule(data=frame(), batch_size=2.5), ValueError, "batch_size=2.5"),
+    ("NaN split_ratio", lambda: CTRDataModule(data=frame(), split_ratio=(float("nan"), 0.1)), ValueError, "split_ratio=(nan, 0.1)"),
+    ("sequence column of scalars", lambda: CTRDataModule(data=frame(hist=list(range(60))), sequence_features=["hist"]),
+     TypeError, "sequence feature 'hist' must hold a list of ids"),
+    # files and checkpoints (the CLI's --data.path / --ckpt_path)
+    ("empty CSV file", unreadable_csv, ValueError, "empty.csv' is not a readable CSV table"),
+    ("a CSV as --ckpt_path", not_a_checkpoint, ValueError, "rows.csv' is not a readable PyTorch checkpoint"),
+    ("checkpoint of another model", load_other_models_checkpoint, ValueError, "holds a DeepFM model"),
+]
+
+
 def test_checked_data_is_read_once(monkeypatch):
     """The trainer facade checks its loaders, then the module's hooks see the same loaders under
     lightning.Trainer (every validation epoch): each dataset's columns are read once."""
@@ -302,3 +404,30 @@ def test_bad_input(case, build, exc, text, step_spy):
 
 def test_at_least_twenty_cases():
     assert len(CASES) >= 20
+
+
+def test_legal_edge_inputs_still_train():
+    """What the checks above must not refuse: a (N, 1) label column, soft training labels in [0, 1],
+    a training set smaller than one batch, a last batch of one row without BatchNorm, padding id 0
+    in a shared history, and a ragged history in a per-row dataset (checked padded with 0)."""
+    from rechub_lightning import CTRTrainer
+    from rechub_lightning.data import DataGenerator, TorchDataset
+    from rechub_lightning.data.base import validate_loader
+
+    ctr_fit_with(y=labels().reshape(-1, 1))
+    ctr_fit_with(columns(30), batch_size=50)
+    hist = SequenceFeature("hist", 10, embed_dim=4, shared_with="a", padding_idx=0)
+    history = np.zeros((200, 3), dtype="int64")
+    history[:, 0] = np.arange(200) % 10
+    x = {**columns(), "hist": history}
+    soft = np.full(200, 0.25, dtype="float32")
+    tr, va, _ = DataGenerator(x, soft).generate_dataloader(x_val=x, y_val=labels(), x_test=x, y_test=labels(), batch_size=50)
+    model = DeepFM(TWO + [hist, DenseFeature("d")], TWO, MLP)
+    CTRTrainer(model, n_epoch=1, model_path=str(_tmp / "legal"), trainer_kwargs=quiet_trainer_kwargs()).fit(tr, va)
+    x, y = columns(201), labels(201)
+    tr, va, _ = DataGenerator(x, y).generate_dataloader(x_val=x, y_val=y, x_test=x, y_test=y, batch_size=50)
+    model = DeepFM(TWO + [DenseFeature("d")], TWO, {"dims": [8], "batch_norm": False})
+    CTRTrainer(model, n_epoch=1, model_path=str(_tmp / "legal1"), trainer_kwargs=quiet_trainer_kwargs()).fit(tr, va)
+    ragged = [list(range(1 + i % 3)) for i in range(200)]
+    dl = torch.utils.data.DataLoader(TorchDataset({**columns(), "hist": ragged}, soft), batch_size=50, collate_fn=lambda b: b)
+    assert validate_loader(dl, TWO + [hist], "training", task_types=["classification"], allow_empty=False)

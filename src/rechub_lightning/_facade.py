@@ -34,7 +34,10 @@ def device_config(device: str | torch.device = "cpu", gpus: Iterable[int] | None
     gpus = list(gpus or [])
     if len(gpus) > 1:
         return {"accelerator": "gpu", "devices": gpus, "strategy": "ddp"}
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device (use 'cpu', 'cuda', 'cuda:N' or 'mps')") from e
     if dev.type == "cuda":
         return {"accelerator": "gpu", "devices": [dev.index or 0], "strategy": "auto"}
     if dev.type == "mps":
@@ -127,11 +130,15 @@ class _FacadeBase:
         trainer_kwargs: dict[str, Any] | None,
     ) -> None:
         self.model = model
+        for arg, value, least in (("n_epoch", n_epoch, 0), ("earlystop_patience", earlystop_patience, 0)):
+            # Lightning reads max_epochs=-1 as "no limit" (the reference: no epoch at all)
+            if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < least:
+                raise ValueError(f"{arg} must be an int >= {least}, got {arg}={value!r}")
         self.n_epoch = int(n_epoch)
         self.earlystop_patience = int(earlystop_patience)
         self.gpus = list(gpus or [])
-        self.device = torch.device(f"cuda:{self.gpus[0]}" if len(self.gpus) > 1 else device)
         self._device_cfg = device_config(device, self.gpus)
+        self.device = torch.device(f"cuda:{self.gpus[0]}" if len(self.gpus) > 1 else device)
         self.model_path = model_path
         self.model_logger = model_logger
         self.trainer_kwargs = dict(trainer_kwargs or {})
@@ -243,7 +250,11 @@ class _FacadeBase:
         return cfg
 
     def _run_fit(self, train_dataloader: Any, val_dataloader: Any, model_file: str) -> None:
-        # the module's on_train_start checks both loaders before the first step
+        # the module's on_train_start checks both loaders before the first step; the training loader
+        # also here, as lightning.Trainer skips an empty one (and on_train_start) with a log line only
+        if self.n_epoch < 1:
+            raise ValueError(f"fit with n_epoch={self.n_epoch} trains nothing (and would save the untrained weights); give n_epoch >= 1")
+        self._check_loader(train_dataloader, "train", "training")
         os.makedirs(self.model_path, exist_ok=True)
         module = self.module
         cfg = self.trainer_config(module.monitor, module.monitor_mode, val_dataloader is not None)

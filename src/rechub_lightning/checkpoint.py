@@ -9,7 +9,22 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO"]
+__all__ = ["AtomicCheckpointIO", "read_checkpoint"]
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """A Lightning checkpoint's contents (``weights_only=True``, on the CPU), with an error naming
+    ``path`` when it is missing or is not a checkpoint (a CSV passed as ``--ckpt_path``, say)."""
+    if not os.path.exists(str(path)):
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError... for non-checkpoints
+        first_line = (str(e).splitlines() or [""])[0][:120]
+        raise ValueError(f"{str(path)!r} is not a readable PyTorch checkpoint ({type(e).__name__}: {first_line})") from e
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(ckpt).__name__}, not a Lightning checkpoint")
+    return ckpt
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

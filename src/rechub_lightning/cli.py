@@ -169,11 +169,10 @@ def _configure_logging() -> None:
 
 def load_model_from_checkpoint(ckpt_path: str) -> Any:
     """The network stored in one of our checkpoints (its spec + weights), in eval mode."""
-    import torch
-
+    from .checkpoint import read_checkpoint
     from .models.base import build_model
 
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(ckpt_path)
     spec = ckpt.get("hyper_parameters", {}).get("model")
     if spec is None:
         raise ValueError(f"{ckpt_path} holds no model spec (the model was not one of rechub-lightning's)")

@@ -158,15 +158,18 @@ def _check_name(name: Any) -> str:
     return name
 
 
+def _check_int(name: str, arg: str, value: Any, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``; a float, string or bool is an error, not a truncation."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"feature {name!r}: {arg} must be an int, got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"feature {name!r}: {arg} must be >= {minimum}, got {value}")
+    return value
+
+
 def _check_vocab(name: str, vocab_size: Any) -> int:
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int,)) and not (
-        hasattr(vocab_size, "__index__")
-    ):
-        raise TypeError(f"feature {name!r}: vocab_size must be an int, got {vocab_size!r}")
-    vocab_size = int(vocab_size)
-    if vocab_size < 1:
-        raise ValueError(f"feature {name!r}: vocab_size must be >= 1, got {vocab_size}")
-    return vocab_size
+    return _check_int(name, "vocab_size", vocab_size, 1)
 
 
 class SparseFeature:
@@ -198,11 +201,11 @@ class SparseFeature:
     ) -> None:
         self.name = _check_name(name)
         self.vocab_size = _check_vocab(self.name, vocab_size)
-        self.embed_dim = get_auto_embedding_dim(self.vocab_size) if embed_dim is None else int(embed_dim)
-        if self.embed_dim < 1:
-            raise ValueError(f"feature {name!r}: embed_dim must be >= 1, got {embed_dim}")
+        self.embed_dim = (
+            get_auto_embedding_dim(self.vocab_size) if embed_dim is None else _check_int(self.name, "embed_dim", embed_dim, 1)
+        )
         self.shared_with = shared_with
-        if padding_idx is not None and not 0 <= int(padding_idx) < self.vocab_size:
+        if padding_idx is not None and not 0 <= _check_int(self.name, "padding_idx", padding_idx, 0) < self.vocab_size:
             raise ValueError(
                 f"feature {name!r}: padding_idx={padding_idx} outside [0, {self.vocab_size})"
             )
@@ -288,9 +291,7 @@ class DenseFeature:
 
     def __init__(self, name: str, embed_dim: int = 1) -> None:
         self.name = _check_name(name)
-        self.embed_dim = int(embed_dim)
-        if self.embed_dim < 1:
-            raise ValueError(f"feature {name!r}: embed_dim must be >= 1, got {embed_dim}")
+        self.embed_dim = _check_int(self.name, "embed_dim", embed_dim, 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "embed_dim": self.embed_dim}

@@ -19,11 +19,28 @@ import pandas as pd
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..checkpoint import read_checkpoint
 from ..features import FeatureSchema, SequenceFeature, SparseFeature
-from .datasets import RaggedColumnError, TensorDictDataset, make_dataloader, to_tensor
+from .datasets import RaggedColumnError, TensorDictDataset, check_batch_size, make_dataloader, to_tensor
 from .preprocessing import Preprocessor
 
-__all__ = ["TabularDataModule", "read_table", "as_frame", "load_preprocessing_state", "validate_batch_tensors", "validate_loader", "validate_labels", "loader_columns", "encode_labels"]
+__all__ = [
+    "TabularDataModule", "read_table", "as_frame", "load_preprocessing_state", "validate_batch_tensors", "validate_loader",
+    "validate_labels", "loader_columns", "encode_labels", "check_split_ratio",
+]
+
+
+def check_split_ratio(split_ratio: Any, arg: str = "split_ratio") -> tuple[float, float]:
+    """``(train, val)`` fractions, each in [0, 1] and summing to at most 1 (the rest is test)."""
+    try:
+        ratio = tuple(float(r) for r in split_ratio)
+    except (TypeError, ValueError):
+        ratio = ()
+    if len(ratio) != 2 or not all(np.isfinite(ratio)) or min(ratio) < 0 or sum(ratio) > 1:
+        shown = tuple(split_ratio) if isinstance(split_ratio, (list, tuple)) else split_ratio
+        raise ValueError(f"{arg}={shown!r} must be (train, val) fractions summing to <= 1")
+    return ratio  # type: ignore[return-value]
+
 
 
 def read_table(path: str, **kwargs: Any) -> pd.DataFrame:
@@ -39,7 +56,10 @@ def read_table(path: str, **kwargs: Any) -> pd.DataFrame:
             raise ImportError("reading Parquet needs pyarrow: pip install 'rechub-lightning[parquet]'") from e
         return pd.read_parquet(p, **kwargs)
     sep = "\t" if lower.endswith((".tsv", ".tsv.gz", ".txt")) else ","
-    return pd.read_csv(p, sep=kwargs.pop("sep", sep), **kwargs)
+    try:
+        return pd.read_csv(p, sep=kwargs.pop("sep", sep), **kwargs)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"data file {p!r} is not a readable {'TSV' if sep == chr(9) else 'CSV'} table: {e}") from e
 
 
 def as_frame(data: Any, what: str = "data") -> pd.DataFrame:
@@ -59,19 +79,45 @@ def as_frame(data: Any, what: str = "data") -> pd.DataFrame:
 
 def load_preprocessing_state(ckpt_path: str) -> dict[str, Any]:
     """The datamodule state (fitted preprocessing) stored in a Lightning checkpoint."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(ckpt_path)
     for value in ckpt.values():
         if isinstance(value, dict) and "preprocessor" in value:
             return value
     raise ValueError(f"checkpoint {ckpt_path!r} holds no datamodule preprocessing state")
 
 
-def validate_batch_tensors(x: Mapping[str, torch.Tensor], schema: FeatureSchema, where: str) -> None:
-    """Raise a clear error for ids outside ``[0, vocab_size)``, missing columns or NaN/inf dense values."""
+def _column_shape_error(f: Any, t: torch.Tensor) -> str | None:
+    """What is wrong with the shape of feature ``f``'s column ``t`` (``None``: nothing)."""
+    if isinstance(f, SequenceFeature):
+        if t.dim() != 2:
+            return f"must be a (rows, length) matrix of ids, got shape {tuple(t.shape)}"
+    elif isinstance(f, SparseFeature):
+        if not (t.dim() == 1 or (t.dim() == 2 and t.shape[1] == 1)):
+            return f"must hold one id per row, got shape {tuple(t.shape)} (a list of ids per row is a SequenceFeature)"
+    else:
+        width = 1 if t.dim() == 1 else t.shape[1] if t.dim() == 2 else None
+        if width != f.embed_dim:
+            return f"must have {f.embed_dim} value(s) per row (its embed_dim), got shape {tuple(t.shape)}"
+    return None
+
+
+def validate_batch_tensors(
+    x: Mapping[str, torch.Tensor], schema: FeatureSchema, where: str, owners: Sequence[Any] | None = None
+) -> None:
+    """Raise a clear error for ids outside ``[0, vocab_size)``, missing columns, columns of the wrong
+    shape or NaN/inf dense values.
+
+    A feature with ``shared_with`` reads its owner's rows, so its ids must also fit the owner's
+    vocabulary; the owner is looked up in ``owners`` (default: the schema's features).
+    """
+    by_name = {f.name: f for f in (schema.features if owners is None else owners)}
     for f in schema.features:
         if f.name not in x:
             raise KeyError(f"feature {f.name!r} is missing from the {where} data (have {sorted(x)})")
         t = x[f.name]
+        shape_error = _column_shape_error(f, t)
+        if shape_error:
+            raise ValueError(f"{f.kind} feature {f.name!r} in {where} data {shape_error}")
         if isinstance(f, SparseFeature):
             if t.is_floating_point():
                 # Float ids are cast with .long() by the embedding (as in the reference), which
@@ -84,13 +130,16 @@ def validate_batch_tensors(x: Mapping[str, torch.Tensor], schema: FeatureSchema,
                     )
             if t.numel():
                 lo, hi = int(t.min()), int(t.max())
-                if lo < 0 or hi >= f.vocab_size:
+                owner = by_name.get(f.shared_with) if f.shared_with else None
+                limit = min(f.vocab_size, owner.vocab_size) if isinstance(owner, SparseFeature) else f.vocab_size
+                if lo < 0 or hi >= limit:
                     bad = lo if lo < 0 else hi
                     kind = "sequence" if isinstance(f, SequenceFeature) else "sparse"
-                    raise ValueError(
-                        f"{kind} feature {f.name!r} in {where} data has id {bad} outside [0, {f.vocab_size}) "
-                        f"(vocab_size={f.vocab_size})"
+                    why = (
+                        f"vocab_size={f.vocab_size}" if limit == f.vocab_size
+                        else f"it shares the table of {owner.name!r}, vocab_size={owner.vocab_size}"
                     )
+                    raise ValueError(f"{kind} feature {f.name!r} in {where} data has id {bad} outside [0, {limit}) ({why})")
         else:
             if not torch.isfinite(t).all():
                 n = int((~torch.isfinite(t)).sum())
@@ -128,7 +177,13 @@ def _checkable(values: Any, name: str) -> torch.Tensor:
     try:
         return to_tensor(values, name)
     except RaggedColumnError:
-        return to_tensor(np.concatenate([np.asarray(v).reshape(-1) for v in values]), name)
+        # padded with 0 (a legal id and a finite value), so the values and the width are checked
+        rows = [np.asarray(v).reshape(-1) for v in values]
+        lengths = np.array([len(r) for r in rows])
+        flat = np.concatenate(rows)
+        out = np.zeros((len(rows), int(lengths.max())), dtype=flat.dtype)
+        out[np.arange(out.shape[1]) < lengths[:, None]] = flat
+        return to_tensor(out, name)
 
 
 def validate_labels(y: torch.Tensor, task_types: Sequence[str], where: str, binary: bool) -> None:
@@ -167,6 +222,7 @@ def validate_loader(
     binary: bool = False,
     require_all: bool = True,
     required: Sequence[str] = (),
+    allow_empty: bool = True,
 ) -> bool:
     """Check a loader's whole data against the model's features (and labels) before it runs.
 
@@ -179,6 +235,8 @@ def validate_loader(
         binary: classification labels must be exactly 0/1 (evaluation) rather than in [0, 1].
         require_all: every feature must be a column (``False``: check the ones present).
         required: features that must be columns even when ``require_all`` is off.
+        allow_empty: ``False``: a dataset without rows is an error (training and evaluation
+            data; an empty loader would train or score nothing).
 
     Returns:
         Whether the data could be checked.
@@ -193,6 +251,7 @@ def validate_loader(
         bool(binary),
         bool(require_all),
         tuple(required),
+        bool(allow_empty),
     )
     if key in _checked(ds):
         return True
@@ -200,13 +259,22 @@ def validate_loader(
     if cols is None:
         return False
     x, y = cols
+    if not allow_empty and _rows(ds) == 0:
+        raise ValueError(f"the {where} data is empty (0 rows, in a {type(loader).__name__} over {type(ds).__name__})")
     if features is not None:
         feats = [f for f in features if require_all or f.name in x or f.name in required]
-        validate_batch_tensors(x, FeatureSchema(feats), where)
+        validate_batch_tensors(x, FeatureSchema(feats), where, owners=features)
     if task_types is not None and y is not None:
         validate_labels(y, task_types, where, binary)
     _remember_checked(ds, key)
     return True
+
+
+def _rows(ds: Any) -> int | None:
+    try:
+        return len(ds)
+    except TypeError:
+        return None
 
 
 #: datasets that passed :func:`validate_loader`, with the checks they passed
@@ -289,13 +357,10 @@ class TabularDataModule(L.LightningDataModule):
         shuffle_buffer: int = 4,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if len(split_ratio) != 2 or min(split_ratio) < 0 or sum(split_ratio) > 1:
-            raise ValueError(f"split_ratio={tuple(split_ratio)} must be (train, val) fractions summing to <= 1")
         self.labels = list(labels)
-        self.batch_size = int(batch_size)
-        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.batch_size = check_batch_size(batch_size)
+        self.eval_batch_size = self.batch_size if eval_batch_size is None else check_batch_size(eval_batch_size, "eval_batch_size")
+        split_ratio = check_split_ratio(split_ratio)
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.embed_dim = embed_dim
@@ -514,6 +579,17 @@ class TabularDataModule(L.LightningDataModule):
         missing_labels = [c for c in self.labels if c not in df.columns]
         if missing_labels:
             raise KeyError(f"label column(s) {missing_labels} not found; available columns: {list(df.columns)}")
+        for arg, value in (("sparse_features", sparse), ("dense_features", dense), ("sequence_features", sequence),
+                           ("ignore_columns", ignore)):
+            if isinstance(value, str):
+                raise TypeError(f"{arg} must be a list of column names, got the string {value!r} (write [{value!r}])")
+        for arg, value in (("sparse_features", sparse), ("dense_features", dense), ("sequence_features", sequence)):
+            leaked = [c for c in (value or ()) if c in self.labels]
+            if leaked:
+                raise ValueError(
+                    f"{arg} names the label column(s) {leaked}: a model would read its own target; "
+                    f"remove them from {arg} (labels={self.labels})"
+                )
         seq = sequence or {}
         taken = set(self.labels) | set(ignore) | set(seq)
         if sparse is None and dense is None:

@@ -31,7 +31,16 @@ __all__ = [
     "BatchDataLoader",
     "to_tensor",
     "RaggedColumnError",
+    "batch_sizes",
+    "check_batch_size",
 ]
+
+
+def check_batch_size(batch_size: Any, arg: str = "batch_size") -> int:
+    """``batch_size`` as an int >= 1 (a float such as 2.5 is an error, not a truncation)."""
+    if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") or int(batch_size) < 1:
+        raise ValueError(f"{arg} must be an int >= 1, got {arg}={batch_size!r}")
+    return int(batch_size)
 
 
 class RaggedColumnError(ValueError):
@@ -220,10 +229,8 @@ class _BatchSamplerBase(DistributedSampler):
 
     def __init__(self, n: int, batch_size: int, num_replicas: int | None = None, rank: int | None = None) -> None:
         # DistributedSampler.__init__ would require an initialised process group; we resolve it lazily.
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.n = int(n)
-        self.batch_size = int(batch_size)
+        self.batch_size = check_batch_size(batch_size)
         self._num_replicas = num_replicas
         self._rank = rank
         self.epoch = 0
@@ -446,3 +453,27 @@ def make_dataloader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
     )
+
+
+def batch_sizes(loader: Any) -> tuple[int, int, int] | None:
+    """``(batch size, rows of the epoch's smallest batch, rows)`` of a (training) loader, or ``None``
+    when the loader does not say (an iterable, a stream, a custom batch sampler).
+
+    Reads :func:`make_dataloader`'s batch sampler, or a plain DataLoader's ``batch_size`` and
+    sampler length (under DDP Lightning's ``DistributedSampler``: this process's rows).
+    """
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, ShuffledBatchSampler):
+        n, bs, drop_last = sampler.n, sampler.batch_size, sampler.drop_last
+    else:
+        bs = getattr(loader, "batch_size", None)
+        if not isinstance(bs, int) or bs < 1 or sampler is None:
+            return None
+        try:
+            n = len(sampler)
+        except TypeError:
+            return None
+        drop_last = bool(getattr(loader, "drop_last", False))
+    if n == 0 or (drop_last and n < bs):
+        return None
+    return bs, bs if drop_last or n % bs == 0 else n % bs, n

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from .base import check_split_ratio
 from .datasets import TensorDictDataset, make_dataloader
 
 __all__ = ["DataGenerator", "MatchDataGenerator"]
@@ -50,6 +51,7 @@ class DataGenerator:
     ) -> tuple[DataLoader, DataLoader, DataLoader]:
         """``(train, val, test)`` loaders: split by ``split_ratio`` or from the given arrays."""
         if split_ratio is not None:
+            split_ratio = check_split_ratio(split_ratio)
             n_train = int(self.length * split_ratio[0])
             n_val = int(self.length * split_ratio[1])
             if self.seed is None:  # the reference's random_split: one randperm from the global RNG

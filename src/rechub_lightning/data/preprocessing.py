@@ -304,8 +304,13 @@ def _split_sequence(values: pd.Series, sep: str, pad: Any = None) -> list[list[A
             seq = [t for t in v.split(sep) if t != ""]
         elif v is None or (isinstance(v, float) and np.isnan(v)):
             seq = []
-        else:
+        elif np.ndim(v) == 1:
             seq = list(v)
+        else:
+            raise TypeError(
+                f"sequence feature {values.name!r} must hold a list of ids (or a string joined by {sep!r}) per row, "
+                f"found {v!r}"
+            )
         if pad is not None:
             seq = [t for t in seq if t != pad]
         out.append(seq)
@@ -353,6 +358,8 @@ class Preprocessor:
             raise ValueError(f"dense_scaling={dense_scaling!r} is not one of {DENSE_SCALINGS}")
         self.encode = encode
         self.vocab_sizes = dict(vocab_sizes or {})
+        if isinstance(max_len, bool) or not hasattr(max_len, "__index__") or int(max_len) < 1:
+            raise ValueError(f"max_len (the padded length of sequence features) must be an int >= 1, got max_len={max_len!r}")
         self.max_len = int(max_len)
         self.sequence_sep = sequence_sep
         self.sequence_pad_value = sequence_pad_value

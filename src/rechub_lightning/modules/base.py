@@ -227,22 +227,24 @@ class RecModule(L.LightningModule):
         _destroy_process_group_at_exit()
         if stage == "fit":
             self._resolve_sparse()
-            self._check_singleton_batch()
 
-    def _check_singleton_batch(self) -> None:
-        """BatchNorm cannot train on a batch of one row: refuse before the first step."""
+    def check_train_batches(self, loader: Any) -> None:
+        """Refuse, before the first step, training batches the model cannot train on: a batch of
+        one row when the model has BatchNorm layers (any loader that tells its batch size and
+        rows; streamed data merges a 1-row tail into the batch before it)."""
+        from ..data.datasets import batch_sizes
+
+        sizes = batch_sizes(loader)
+        if sizes is None or sizes[1] != 1:
+            return
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
             return
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        ds = dm.dataset("train") if dm is not None and hasattr(dm, "dataset") else None
-        bs = getattr(dm, "batch_size", None)
-        if ds is None or not bs or isinstance(ds, torch.utils.data.IterableDataset):
-            return  # streamed training data merges a 1-row tail into the batch before it
-        if len(ds) % bs == 1 or len(ds) == 1:
-            raise ValueError(
-                f"the last training batch would hold 1 row ({len(ds)} rows, batch_size={bs}) and the model has "
-                f"BatchNorm layers, which cannot train on one row; change batch_size (e.g. {bs + 1})"
-            )
+        bs, _, rows = sizes
+        fix = "give more training rows" if rows == 1 else f"change batch_size (e.g. {bs + 1})"
+        raise ValueError(
+            f"the last training batch would hold 1 row ({rows} rows, batch_size={bs}) and the model has "
+            f"BatchNorm layers, which cannot train on one row; {fix}"
+        )
 
     @property
     def loss_on_progress_bar(self) -> bool:
@@ -263,9 +265,9 @@ class RecModule(L.LightningModule):
         prediction loaders the features they hold.
         """
         if stage == "train":
-            return {"task_types": ["classification"], "binary": False, "require_all": True}
+            return {"task_types": ["classification"], "binary": False, "require_all": True, "allow_empty": False}
         if stage in ("val", "test"):
-            return {"task_types": ["classification"], "binary": True, "require_all": False}
+            return {"task_types": ["classification"], "binary": True, "require_all": False, "allow_empty": False}
         return {"task_types": None, "require_all": False}
 
     def check_loader(
@@ -300,6 +302,8 @@ class RecModule(L.LightningModule):
             checks = {**checks, "task_types": None}
         where = where or {"train": "training", "val": "validation", "test": "test", "predict": "prediction"}[stage]
         validate_loader(loader, feats, where, **checks)
+        if stage == "train":
+            self.check_train_batches(loader)
 
     def _check_loaders(self, stage: str, loaders: Any) -> None:
         """:meth:`check_loader` for each of a stage's loaders (a loader, a list or a dict of them):
@@ -409,6 +413,16 @@ class RecModule(L.LightningModule):
             checkpoint["rechub_rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # called before the weights load: a checkpoint of another network would otherwise fail
+        # with a list of missing and unexpected state-dict keys
+        spec = (checkpoint.get("hyper_parameters") or {}).get("model")
+        theirs = spec.get("class_path") if isinstance(spec, Mapping) else None
+        ours = (model_spec(self.model) or {}).get("class_path")  # None for wrapped or foreign models
+        if theirs and ours and theirs != ours:
+            raise ValueError(
+                f"the checkpoint holds a {theirs.rpartition('.')[2]} model ({theirs}), but this {type(self).__name__}'s "
+                f"model is a {ours.rpartition('.')[2]} ({ours}); use the config (or model) the checkpoint was trained with"
+            )
         rng = checkpoint.get("rechub_rng")
         if rng and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             torch.set_rng_state(rng["torch"])

@@ -382,12 +382,30 @@ class MatchModule(RecModule):
             model = _unwrap(self.model)
             required = [f.name for tower in ("user", "item") for f in _tower_features(model, tower)]
             labels = ["classification"] if self._point_wise_labels() else None
-            return {"task_types": labels, "binary": False, "require_all": False, "required": required}
+            return {"task_types": labels, "binary": False, "require_all": False, "required": required, "allow_empty": False}
         if stage in ("val", "test"):
             has_corpus = self._corpus_override is not None or getattr(self._datamodule(), "item_corpus", None) is not None
             auc_labels = not has_corpus and self._point_wise_labels()  # what the AUC fallback reads
-            return {"task_types": ["classification"] if auc_labels else None, "binary": True, "require_all": False}
+            return {
+                "task_types": ["classification"] if auc_labels else None, "binary": True, "require_all": False, "allow_empty": False,
+            }
         return {"task_types": None, "require_all": False}
+
+    def check_train_batches(self, loader: Any) -> None:
+        """Also refuse in-batch negatives from batches of one row (no negative at all: the loss is
+        0) or fewer rows than ``in_batch_neg_ratio`` + 1."""
+        super().check_train_batches(loader)
+        from ..data.datasets import batch_sizes
+
+        sizes = batch_sizes(loader)
+        if not self.in_batch_neg or sizes is None:
+            return
+        if sizes[0] < 2:
+            raise ValueError(
+                f"in_batch_neg=True draws each row's negatives from the other rows of its batch, but batch_size={sizes[0]}; "
+                "use batch_size >= 2 (typically hundreds)"
+            )
+        self._check_ratio(sizes[0])
 
     def on_fit_start(self) -> None:
         dm = self._datamodule()
