@@ -201,3 +201,18 @@ def test_synthetic_generator_shape_and_signal():
 
     rate = df.groupby("C1")["label"].transform("mean")
     assert roc_auc_score(df["label"], rate) > 0.6
+
+
+def test_a_dense_column_without_training_values_is_reported_by_name():
+    """An all-missing dense column becomes a constant after NaN filling: said, not silent."""
+    import warnings
+
+    from rechub_lightning.data import Preprocessor
+
+    frame = pd.DataFrame({"a": ["x", "y", "x", "z"], "d": [np.nan] * 4, "e": [1.0, np.nan, 3.0, 4.0]})
+    with pytest.warns(UserWarning, match=r"dense feature\(s\) \['d'\] have no value in the training data"):
+        p = Preprocessor(sparse=["a"], dense=["d", "e"]).fit(frame)
+    assert (p.transform(frame)["d"] == 0).all()  # what the warning says: a constant
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a column with some values does not warn
+        Preprocessor(sparse=["a"], dense=["e"]).fit(frame)

@@ -232,6 +232,7 @@ class DenseScaler:
 
     def finish_fit(self) -> DenseScaler:
         m = getattr(self, "_moments", None) or _ExactMoments()
+        self.n_fitted = m.n  # finite training values seen (0: the column is constant after NaN filling)
         mean, std, lo, hi = m.result()
         self.stats = {"mean": mean, "std": std if std > 0 else 1.0, "min": lo, "max": hi if hi > lo else lo + 1.0}
         self._moments = None
@@ -446,6 +447,14 @@ class Preprocessor:
             raise RuntimeError("Preprocessor.finish_fit called before partial_fit")
         for scaler in self.scalers.values():
             scaler.finish_fit()
+        empty = [col for col, scaler in self.scalers.items() if scaler.n_fitted == 0]
+        if empty:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                f"dense feature(s) {empty} have no value in the training data (all missing): NaN filling makes "
+                "them constant, so the model learns nothing from them; check the column or drop it (ignore_columns)"
+            )
         for enc in self.encoders.values():
             enc.finish_fit()
         if not self.encode:
