@@ -147,3 +147,19 @@ def test_rendered_file_lands_at_save_path(tmp_path, monkeypatch):
     assert (tmp_path / "figs" / "model.svg").read_text() == g.visual_graph.source
     visualize_model(_our_deepfm(), save_path=str(tmp_path / "noext"))  # no extension: PDF, as in the reference
     assert (tmp_path / "noext.pdf").exists() and calls[-1][0] == "pdf"
+
+
+def test_youtube_sbc_graph_includes_its_sample_weight_input(tmp_path):
+    """YoutubeSBC's forward reads the item-probability column of its `sample_weight_feature` (a
+    singular attribute): the generated input must hold it, or tracing fails with a KeyError."""
+    from rechub_lightning.data import MatchDataModule
+    from rechub_lightning.export import model_features
+    from rechub_lightning.models.matching import YoutubeSBC
+
+    schema = MatchDataModule(mode=2, neg_ratio=3, synthetic_users=40, synthetic_items=80, synthetic_interactions=(6, 10),
+                             seq_max_len=8, embed_dim=8).schema
+    model = YoutubeSBC(user_params={"dims": [16, 8]}, item_params={"dims": [16, 8]}, n_neg=3, schema=schema)
+    names = [f.name for f in model_features(model)]
+    assert model.sample_weight_feature[0].name in names
+    g = visualize_model(model, batch_size=3, seq_length=8, save_path=tmp_path / "sbc.gv")
+    assert len(_INPUT.findall(g.visual_graph.source)) == len(names)

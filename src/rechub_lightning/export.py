@@ -55,8 +55,10 @@ def model_features(model: nn.Module, tower: str | None = None) -> list[Feature]:
             return feats
     seen: dict[str, Feature] = {}
     for name, value in vars(model).items():
-        if name.endswith("features") and isinstance(value, (list, tuple)):
-            for f in value:
+        # ``*_features`` lists and ``*_feature`` attributes (e.g. YoutubeSBC's sample_weight_feature)
+        values = [value] if isinstance(value, Feature) else value if isinstance(value, (list, tuple)) else ()
+        if name.endswith(("features", "feature")):
+            for f in values:
                 if isinstance(f, (SparseFeature, DenseFeature)):
                     seen.setdefault(f.name, f)
     emb = getattr(model, "embedding", None)
