@@ -1,7 +1,7 @@
 """CTR with plain Lightning: datamodule + CTRModule + lightning.Trainer.
 
     python examples/ctr_lightning.py            # embedded Criteo-shaped data
-    EXAMPLE_ROWS=5000 python examples/ctr_lightning.py
+    EXAMPLE_ROWS=5000 EXAMPLE_EPOCHS=1 python examples/ctr_lightning.py    # a quick run
 """
 
 import os

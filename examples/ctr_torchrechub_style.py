@@ -1,6 +1,7 @@
 """A Torch-RecHub CTR script; only the imports changed.
 
     python examples/ctr_torchrechub_style.py [path/to/criteo.csv]
+    EXAMPLE_ROWS=5000 EXAMPLE_EPOCHS=1 python examples/ctr_torchrechub_style.py    # a quick run
 """
 
 import os

@@ -6,6 +6,7 @@ embeddings -> exact top-K search (``rechub_lightning.retrieval``) -> recommendat
 raw ids, and Recall@10 on each user's held-out last item.
 
     python examples/match_pipeline.py [path/to/ratings.csv]
+    EXAMPLE_ROWS=5000 EXAMPLE_EPOCHS=1 python examples/match_pipeline.py    # a quick run
 
 The CSV needs ml-1m's columns (``user_id, movie_id, timestamp``; ``gender, age, occupation,
 zip, genres`` are used when present). Without it, a MovieLens-shaped synthetic log is used.
@@ -73,7 +74,7 @@ pred_ds = dm.dataset("predict")
 scores, top = topk_search(user_emb, item_emb, k=10, exclude=seen_rows(pred_ds), item_ids=corpus_ids)
 raw_users = dm.raw_frame("predict")[dm.user_col].to_numpy()
 titles = ratings.drop_duplicates("movie_id").set_index("movie_id")["title"] if "title" in ratings else None
-for u in range(3):
+for u in range(min(3, len(top))):
     movies = dm.decode(dm.item_id_feature, top[u].numpy())
     shown = [f"{m} ({titles[m]})" if titles is not None else str(m) for m in movies[:5]]
     print(f"user {raw_users[u]}: " + ", ".join(shown) + ", ...")

@@ -2,6 +2,7 @@
 (``fit`` / ``inference_embedding`` / ``evaluate``) on MovieLens-shaped interactions.
 
     python examples/match_torchrechub_style.py [path/to/ratings.csv]
+    EXAMPLE_ROWS=5000 EXAMPLE_EPOCHS=1 python examples/match_torchrechub_style.py    # a quick run
 """
 
 import os

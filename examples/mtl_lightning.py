@@ -1,6 +1,7 @@
 """Multi-task learning with Lightning: MMOE with GradNorm on the embedded Census-shaped data.
 
     python examples/mtl_lightning.py
+    EXAMPLE_ROWS=5000 EXAMPLE_EPOCHS=1 python examples/mtl_lightning.py    # a quick run
 """
 
 import os
