@@ -98,3 +98,36 @@ def test_quantized_export_from_cli(run, tmp_path):
     with torch.no_grad():
         expect = torch.sigmoid(model(x)).numpy()
     assert np.abs(got - expect).max() < 0.05
+
+
+def test_report_reads_the_training_log_not_a_later_validate_run(tmp_path):
+    """`rechub validate`/`test` after training write their own, newer metrics.csv (one row, no
+    train/ columns); the learning curves must come from the training run's log."""
+    import os
+
+    from rechub_lightning.report import find_metrics_csv
+
+    train = tmp_path / "lightning_logs" / "version_0" / "metrics.csv"
+    later = tmp_path / "lightning_logs" / "version_1" / "metrics.csv"
+    for path, text in ((train, "epoch,step,train/loss_epoch,val/auc\n0,9,0.5,0.7\n"), (later, "epoch,step,val/auc\n0,0,0.7\n")):
+        path.parent.mkdir(parents=True)
+        path.write_text(text)
+    os.utime(train, (1_000_000, 1_000_000))  # older than the validate run's file
+    assert find_metrics_csv(str(tmp_path)) == str(train)
+    train.unlink()
+    assert find_metrics_csv(str(tmp_path)) == str(later)  # no training log: the newest one
+    assert find_metrics_csv(str(later)) == str(later)  # a file is taken as given
+
+
+def test_a_new_run_does_not_warn_that_its_log_folder_is_reused(tmp_path):
+    """LightningCLI writes config.yaml into the run's folder before the first metric; the CSV
+    writer must not then warn that the (new) folder "exists and is not empty"."""
+    import warnings
+
+    args = ["fit", "--config", "configs/ctr/widedeep.yaml", *TINY, "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}"]
+    for _ in range(2):  # a second run gets version_1, also new
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            main(args)
+        assert not [w for w in caught if "exists and is not empty" in str(w.message)]
+    assert len(glob.glob(str(tmp_path / "**" / "version_*" / "config.yaml"), recursive=True)) == 2

@@ -99,6 +99,12 @@ class RecHubCLI(LightningCLI):
         if trainer.loggers and not any(isinstance(lg, CSVLogger) for lg in trainer.loggers):
             first = trainer.loggers[0]
             trainer.loggers = [*trainer.loggers, CSVLogger(save_dir=trainer.default_root_dir, name=first.name or "lightning_logs", version=first.version)]
+        for lg in trainer.loggers:
+            if isinstance(lg, CSVLogger):
+                # Create the run's folder now (rank 0): LightningCLI writes config.yaml into it before
+                # the first metric, and a CSV writer created after that warns that the new folder
+                # "exists and is not empty" (it still does for a folder an earlier run filled).
+                _ = lg.experiment
         return trainer
 
     def before_predict(self) -> None:

@@ -36,12 +36,19 @@ def _plt():
 
 
 def find_metrics_csv(path: str) -> str:
-    """``path`` itself if it is a CSV, else the newest ``metrics.csv`` below it."""
+    """``path`` itself if it is a CSV, else the newest ``metrics.csv`` below it that holds training
+    metrics (``train/...`` columns): a later ``validate``/``test`` run writes its own file, without
+    learning curves. Without any training log, the newest ``metrics.csv``."""
     if os.path.isfile(path):
         return path
     found = sorted(glob.glob(os.path.join(path, "**", "metrics.csv"), recursive=True), key=os.path.getmtime)
     if not found:
         raise FileNotFoundError(f"no metrics.csv under {path!r} (train with a CSVLogger, Lightning's default)")
+    for candidate in reversed(found):
+        with open(candidate, encoding="utf-8") as f:
+            header = f.readline().strip().split(",")
+        if any(c.startswith("train/") for c in header):
+            return candidate
     return found[-1]
 
 
