@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .models.base import unwrap_model
+
 __all__ = [
     "ReduceFn",
     "LossWeighting",
@@ -813,18 +815,6 @@ def build_weighting(adaptive_params: Mapping[str, Any] | None, n_tasks: int) -> 
 # hand-written training loops ported by changing imports.
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside ``DataParallel``/``DistributedDataParallel`` (``.module``) or ``torch.compile`` (``._orig_mod``)."""
-    for _ in range(4):
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            break
-        model = inner
-    return model
-
-
 def shared_task_layers(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Split a multi-task model's parameters into shared and task-specific ones.
 
@@ -851,7 +841,7 @@ def shared_task_layers(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Pa
         ValueError: If the model has no ``shared_parameters``/``task_parameters`` methods (e.g. a
             Torch-RecHub model object: use ``torch_rechub.utils.mtl.shared_task_layers`` for it).
     """
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     missing = [m for m in ("shared_parameters", "task_parameters") if not callable(getattr(inner, m, None))]
     if missing:
         raise ValueError(

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..features import FeatureSchema, feature_from_dict, is_feature
 
-__all__ = ["RecModel", "model_spec", "build_model", "returns_logits", "to_plain", "from_plain"]
+__all__ = ["RecModel", "model_spec", "build_model", "returns_logits", "to_plain", "from_plain", "unwrap_model"]
 
 
 class RecModel(nn.Module):
@@ -39,6 +39,19 @@ class RecModel(nn.Module):
             init(self, *args, **kw)
 
         cls.__init__ = __init__  # type: ignore[method-assign]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside ``DataParallel``/``DistributedDataParallel`` (``.module``) and
+    ``torch.compile`` (``._orig_mod``) wrappers, in any nesting."""
+    inner = model
+    for _ in range(4):
+        nxt = getattr(inner, "module", None)
+        nxt = nxt if isinstance(nxt, nn.Module) else getattr(inner, "_orig_mod", None)
+        if not isinstance(nxt, nn.Module):
+            break
+        inner = nxt
+    return inner
 
 
 def returns_logits(model: nn.Module) -> bool:

@@ -23,6 +23,7 @@ from torch import nn
 from ..data.match import SEEN_ITEMS_KEY
 from ..losses import bpr_loss, list_wise_loss, masked_fill_value, sampled_softmax_loss
 from ..metrics import BinaryAUC, RetrievalTopK
+from ..models.base import unwrap_model
 from ..retrieval import topk_search
 from .base import RecModule, split_batch
 
@@ -33,14 +34,9 @@ _PROB_EPS = 1e-7
 _MODES = (0, 1, 2)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "module", model)
-    return getattr(inner, "_orig_mod", inner)
-
-
 def has_towers(model: nn.Module) -> bool:
     """Whether ``model`` has callable ``user_tower`` and ``item_tower`` (in-batch negatives need both)."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     return callable(getattr(inner, "user_tower", None)) and callable(getattr(inner, "item_tower", None))
 
 
@@ -288,7 +284,7 @@ class MatchModule(RecModule):
         if in_batch_neg and not has_towers(self.model):
             raise ValueError(
                 f"in_batch_neg=True needs a two-tower model with user_tower() and item_tower() methods; "
-                f"{type(_unwrap(self.model)).__name__} has none (use offline negatives: mode 0/1/2 without in_batch_neg)"
+                f"{type(unwrap_model(self.model)).__name__} has none (use offline negatives: mode 0/1/2 without in_batch_neg)"
             )
         self.mode = int(mode)
         self.in_batch_neg = bool(in_batch_neg)
@@ -328,7 +324,7 @@ class MatchModule(RecModule):
         """The in-batch softmax temperature (the model's own when none was given)."""
         if self._temperature is not None:
             return self._temperature
-        return float(getattr(_unwrap(self.model), "temperature", 1.0) or 1.0)
+        return float(getattr(unwrap_model(self.model), "temperature", 1.0) or 1.0)
 
     def _datamodule(self) -> Any:
         trainer = self._trainer
@@ -341,7 +337,7 @@ class MatchModule(RecModule):
         name = getattr(self._datamodule(), "item_id_feature", None)
         if name:
             return str(name)
-        model = _unwrap(self.model)
+        model = unwrap_model(self.model)
         for attr in ("item_features", "pos_item_features", "item_feature"):
             feats = getattr(model, attr, None)
             if feats is None:
@@ -379,7 +375,7 @@ class MatchModule(RecModule):
         if stage == "train":
             from ..export import _tower_features
 
-            model = _unwrap(self.model)
+            model = unwrap_model(self.model)
             required = [f.name for tower in ("user", "item") for f in _tower_features(model, tower)]
             labels = ["classification"] if self._point_wise_labels() else None
             return {"task_types": labels, "binary": False, "require_all": False, "required": required, "allow_empty": False}
@@ -447,11 +443,11 @@ class MatchModule(RecModule):
     def _warn_point_wise_temperature(self) -> None:
         """A small temperature saturates point-wise BCE: say so (Torch-RecHub's DSSM ignored its
         temperature, and its MovieLens example passes 0.02 with mode=0)."""
-        t = getattr(_unwrap(self.model), "temperature", None)
+        t = getattr(unwrap_model(self.model), "temperature", None)
         if self.in_batch_neg or self.mode != 0 or not self.logits_out or not isinstance(t, (int, float)) or t >= 0.1:
             return
         rank_zero_warn(
-            f"{type(_unwrap(self.model)).__name__}(temperature={t}) trains point-wise (mode=0): its logits are "
+            f"{type(unwrap_model(self.model)).__name__}(temperature={t}) trains point-wise (mode=0): its logits are "
             f"scores / {t}, up to +-{1 / t:.0f} for cosine scores, which saturates the sigmoid of BCE. Torch-RecHub's "
             "DSSM ignored its temperature. Use temperature ~1 for point-wise training, or a softmax loss "
             "(mode=2 or in_batch_neg=True), where a small temperature helps."
@@ -490,7 +486,7 @@ class MatchModule(RecModule):
             keep = y.reshape(-1) > 0
             if not bool(keep.all()):
                 x = {k: v[keep] for k, v in x.items()}
-        model = _unwrap(self.model)
+        model = unwrap_model(self.model)
         if self.gather_negatives and self._world_size() > 1:
             return self._gathered_in_batch_loss(x, model)
         scores = score_matrix(model.user_tower(x), model.item_tower(x))
@@ -622,7 +618,7 @@ class MatchModule(RecModule):
         """Embeddings of a batch from the ``"user"`` or ``"item"`` tower (model ``mode`` switched and restored)."""
         if tower not in ("user", "item"):
             raise ValueError(f"tower must be 'user' or 'item', got {tower!r}")
-        model = _unwrap(self.model)
+        model = unwrap_model(self.model)
         previous = getattr(model, "mode", None)
         model.mode = tower
         try:

@@ -34,6 +34,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MeanSquaredError
 
 from ..metrics import BinaryAUC, auc_score
+from ..models.base import unwrap_model
 from ..models.multi_task._base import check_task_types
 from ..weighting import build_weighting
 from .base import RecModule, split_batch
@@ -42,18 +43,6 @@ __all__ = ["MTLModule", "unwrap_model"]
 
 _PROB_EPS = 1e-7
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside ``DataParallel``/``DistributedDataParallel``/``torch.compile`` wrappers."""
-    inner = model
-    for _ in range(4):
-        nxt = getattr(inner, "module", None)
-        nxt = nxt if isinstance(nxt, nn.Module) else getattr(inner, "_orig_mod", None)
-        if not isinstance(nxt, nn.Module):
-            break
-        inner = nxt
-    return inner
 
 
 def _unique_trainable(params: Sequence[nn.Parameter]) -> list[nn.Parameter]:
