@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import nn
 
 from .checkpoint import AtomicCheckpointIO
+from .data.datasets import check_int
 from .export import export_onnx as _export_onnx
 from .metrics import auc_score
 from .modules.base import RecModule
@@ -130,12 +131,9 @@ class _FacadeBase:
         trainer_kwargs: dict[str, Any] | None,
     ) -> None:
         self.model = model
-        for arg, value, least in (("n_epoch", n_epoch, 0), ("earlystop_patience", earlystop_patience, 0)):
-            # Lightning reads max_epochs=-1 as "no limit" (the reference: no epoch at all)
-            if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < least:
-                raise ValueError(f"{arg} must be an int >= {least}, got {arg}={value!r}")
-        self.n_epoch = int(n_epoch)
-        self.earlystop_patience = int(earlystop_patience)
+        # n_epoch=-1 would be Lightning's "no limit" (the reference: no epoch at all)
+        self.n_epoch = check_int(n_epoch, "n_epoch", 0)
+        self.earlystop_patience = check_int(earlystop_patience, "earlystop_patience", 0)
         self.gpus = list(gpus or [])
         self._device_cfg = device_config(device, self.gpus)
         self.device = torch.device(f"cuda:{self.gpus[0]}" if len(self.gpus) > 1 else device)

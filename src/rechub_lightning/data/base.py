@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..checkpoint import read_checkpoint
 from ..features import FeatureSchema, SequenceFeature, SparseFeature
-from .datasets import RaggedColumnError, TensorDictDataset, check_batch_size, make_dataloader, to_tensor
+from .datasets import RaggedColumnError, TensorDictDataset, check_int, make_dataloader, to_tensor
 from .preprocessing import Preprocessor
 
 __all__ = [
@@ -358,8 +358,8 @@ class TabularDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.labels = list(labels)
-        self.batch_size = check_batch_size(batch_size)
-        self.eval_batch_size = self.batch_size if eval_batch_size is None else check_batch_size(eval_batch_size, "eval_batch_size")
+        self.batch_size = check_int(batch_size, "batch_size")
+        self.eval_batch_size = self.batch_size if eval_batch_size is None else check_int(eval_batch_size, "eval_batch_size")
         split_ratio = check_split_ratio(split_ratio)
         self.num_workers = int(num_workers)
         self.seed = int(seed)

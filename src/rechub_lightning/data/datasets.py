@@ -32,15 +32,16 @@ __all__ = [
     "to_tensor",
     "RaggedColumnError",
     "batch_sizes",
-    "check_batch_size",
+    "check_int",
 ]
 
 
-def check_batch_size(batch_size: Any, arg: str = "batch_size") -> int:
-    """``batch_size`` as an int >= 1 (a float such as 2.5 is an error, not a truncation)."""
-    if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") or int(batch_size) < 1:
-        raise ValueError(f"{arg} must be an int >= 1, got {arg}={batch_size!r}")
-    return int(batch_size)
+def check_int(value: Any, arg: str, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum`` (a float such as 2.5 is an error, not a truncation);
+    the error names ``arg`` and the value."""
+    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < minimum:
+        raise ValueError(f"{arg} must be an int >= {minimum}, got {arg}={value!r}")
+    return int(value)
 
 
 class RaggedColumnError(ValueError):
@@ -230,7 +231,7 @@ class _BatchSamplerBase(DistributedSampler):
     def __init__(self, n: int, batch_size: int, num_replicas: int | None = None, rank: int | None = None) -> None:
         # DistributedSampler.__init__ would require an initialised process group; we resolve it lazily.
         self.n = int(n)
-        self.batch_size = check_batch_size(batch_size)
+        self.batch_size = check_int(batch_size, "batch_size")
         self._num_replicas = num_replicas
         self._rank = rank
         self.epoch = 0

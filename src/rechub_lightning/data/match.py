@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from ..features import DenseFeature, Feature, FeatureSchema, SequenceFeature, SparseFeature
 from .base import as_frame, load_preprocessing_state, read_table, validate_batch_tensors
-from .datasets import TensorDictDataset, check_batch_size, make_dataloader
+from .datasets import TensorDictDataset, check_int, make_dataloader
 from .preprocessing import CategoryEncoder
 from .sequence import _redraw_collisions, gen_model_input, generate_seq_feature_match
 from .synthetic_seq import make_movielens_like
@@ -201,9 +201,9 @@ class MatchDataModule(L.LightningDataModule):
             raise ValueError(f"seq_max_len must be >= 1, got seq_max_len={seq_max_len}")
         if history_pooling not in _POOLINGS:
             raise ValueError(f"history_pooling must be one of {_POOLINGS}, got {history_pooling!r}")
-        check_batch_size(batch_size)
+        check_int(batch_size, "batch_size")
         if eval_batch_size is not None:
-            check_batch_size(eval_batch_size, "eval_batch_size")
+            check_int(eval_batch_size, "eval_batch_size")
         self.save_hyperparameters(ignore=["data"])
         self.user_col, self.item_col, self.time_col = user_col, item_col, time_col
         self.mode = int(mode)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..features import DenseFeature, FeatureSchema, SequenceFeature, SparseFeature
+from .datasets import check_int
 
 __all__ = ["CategoryEncoder", "DenseScaler", "Preprocessor", "DENSE_SCALINGS"]
 
@@ -359,9 +360,7 @@ class Preprocessor:
             raise ValueError(f"dense_scaling={dense_scaling!r} is not one of {DENSE_SCALINGS}")
         self.encode = encode
         self.vocab_sizes = dict(vocab_sizes or {})
-        if isinstance(max_len, bool) or not hasattr(max_len, "__index__") or int(max_len) < 1:
-            raise ValueError(f"max_len (the padded length of sequence features) must be an int >= 1, got max_len={max_len!r}")
-        self.max_len = int(max_len)
+        self.max_len = check_int(max_len, "max_len")  # the padded length of sequence features
         self.sequence_sep = sequence_sep
         self.sequence_pad_value = sequence_pad_value
         self.encoders: dict[str, CategoryEncoder] = {}

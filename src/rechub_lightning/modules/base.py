@@ -229,20 +229,22 @@ class RecModule(L.LightningModule):
             self._resolve_sparse()
 
     def check_train_batches(self, loader: Any) -> None:
-        """Refuse, before the first step, training batches the model cannot train on: a batch of
-        one row when the model has BatchNorm layers (any loader that tells its batch size and
-        rows; streamed data merges a 1-row tail into the batch before it)."""
+        """Refuse, before the first step, training batches the model cannot train on (any loader
+        that tells its batch size and rows; streamed data merges a 1-row tail into the batch
+        before it): see :meth:`check_batch_sizes`."""
         from ..data.datasets import batch_sizes
 
         sizes = batch_sizes(loader)
-        if sizes is None or sizes[1] != 1:
+        if sizes is not None:
+            self.check_batch_sizes(*sizes)
+
+    def check_batch_sizes(self, batch_size: int, smallest: int, rows: int) -> None:
+        """A batch of one row is refused when the model has BatchNorm layers."""
+        if smallest != 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
             return
-        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
-            return
-        bs, _, rows = sizes
-        fix = "give more training rows" if rows == 1 else f"change batch_size (e.g. {bs + 1})"
+        fix = "give more training rows" if rows == 1 else f"change batch_size (e.g. {batch_size + 1})"
         raise ValueError(
-            f"the last training batch would hold 1 row ({rows} rows, batch_size={bs}) and the model has "
+            f"the last training batch would hold 1 row ({rows} rows, batch_size={batch_size}) and the model has "
             f"BatchNorm layers, which cannot train on one row; {fix}"
         )
 

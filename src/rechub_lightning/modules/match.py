@@ -387,21 +387,18 @@ class MatchModule(RecModule):
             }
         return {"task_types": None, "require_all": False}
 
-    def check_train_batches(self, loader: Any) -> None:
+    def check_batch_sizes(self, batch_size: int, smallest: int, rows: int) -> None:
         """Also refuse in-batch negatives from batches of one row (no negative at all: the loss is
         0) or fewer rows than ``in_batch_neg_ratio`` + 1."""
-        super().check_train_batches(loader)
-        from ..data.datasets import batch_sizes
-
-        sizes = batch_sizes(loader)
-        if not self.in_batch_neg or sizes is None:
+        super().check_batch_sizes(batch_size, smallest, rows)
+        if not self.in_batch_neg:
             return
-        if sizes[0] < 2:
+        if batch_size < 2:
             raise ValueError(
-                f"in_batch_neg=True draws each row's negatives from the other rows of its batch, but batch_size={sizes[0]}; "
+                f"in_batch_neg=True draws each row's negatives from the other rows of its batch, but batch_size={batch_size}; "
                 "use batch_size >= 2 (typically hundreds)"
             )
-        self._check_ratio(sizes[0])
+        self._check_ratio(batch_size)
 
     def on_fit_start(self) -> None:
         dm = self._datamodule()
