@@ -5,6 +5,9 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-dev
 TORCH  ?= torch==2.13.0
+# Two pytest-xdist workers, whole files per worker (module fixtures are built once): the suite's
+# heavy tests are multi-process and mostly wait, so two workers halve the wall time on 2 cores.
+PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .PHONY: setup train test bench clean
@@ -23,7 +26,7 @@ train: setup
 	$(VENV)/bin/rechub fit --config configs/ctr/deepfm.yaml
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m benchmarks.ctr

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 os.environ.setdefault("PL_DISABLE_FORK", "1")
-torch.set_num_threads(2)
+# Under pytest-xdist (`make test` runs two workers) each worker gets one thread: two workers x two
+# threads on a 2-core machine spend more time contending than computing.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "torch-rechub-samples"
 
