@@ -458,3 +458,51 @@ def test_session_model_trains_on_ragged_histories_and_their_ids_are_checked(tmp_
     with pytest.raises(ValueError, match="sequence feature 'hist_item_id' in training data has id 5"):
         trainer.fit(DataLoader(TorchDataset(bad, NEXT_ITEM), batch_size=6, collate_fn=_pad_collate))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any step
+
+
+def test_callbacks_in_trainer_kwargs_join_early_stopping_and_best_weights(tmp_path):
+    """``trainer_kwargs={"callbacks": [...]}`` adds the user's callbacks: early stopping and the
+    best-weight restore keep working (they replaced them, and fit then failed on the missing
+    score); a user's own ModelCheckpoint takes the place of the trainer's."""
+    from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+
+    class Steps(Callback):
+        def __init__(self):
+            self.n = 0
+
+        def on_train_batch_end(self, *args):
+            self.n += 1
+
+    x, y = ctr_columns(600)
+    train, val, _ = DataGenerator(x, y, seed=0).generate_dataloader(split_ratio=[0.7, 0.3], batch_size=64)
+
+    def run(callbacks, path):
+        torch.manual_seed(0)
+        model = DeepFM(FEATS + [DenseFeature("d")], FEATS, {"dims": [8]})
+        kw = quiet_trainer_kwargs(callbacks=callbacks)
+        trainer = CTRTrainer(model, n_epoch=6, earlystop_patience=1, model_path=str(path), trainer_kwargs=kw)
+        trainer.fit(train, val)
+        return trainer, model
+
+    steps = Steps()
+    trainer, model = run([steps], tmp_path / "a")
+    kinds = [type(c) for c in trainer.trainer.callbacks]
+    assert Steps in kinds and EarlyStopping in kinds and kinds.count(ModelCheckpoint) == 1
+    ckpt = trainer.trainer.checkpoint_callback
+    assert ckpt.monitor == "val/auc" and steps.n == trainer.trainer.global_step
+    best = torch.load(ckpt.best_model_path, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, best[f"model.{k}"]) for k, v in model.state_dict().items())  # best weights restored
+    # the same fit without the user's callback: identical steps and weights
+    plain, plain_model = run([], tmp_path / "b")
+    assert plain.trainer.global_step == trainer.trainer.global_step
+    assert all(torch.equal(v, plain_model.state_dict()[k]) for k, v in model.state_dict().items())
+
+    # a user's ModelCheckpoint replaces the trainer's: monitoring the validation loss, or nothing
+    own = ModelCheckpoint(dirpath=str(tmp_path / "own"), monitor="val/logloss", mode="min")
+    trainer, _ = run([own], tmp_path / "c")
+    assert [c for c in trainer.trainer.callbacks if isinstance(c, ModelCheckpoint)] == [own]
+    assert trainer.trainer.checkpoint_callback.best_model_score is not None
+    last = ModelCheckpoint(dirpath=str(tmp_path / "last"))
+    trainer, model = run([last], tmp_path / "d")  # no monitor: the model keeps its last weights
+    saved = torch.load(last.best_model_path, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, saved[f"model.{k}"]) for k, v in model.state_dict().items())

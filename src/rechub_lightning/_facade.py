@@ -244,7 +244,14 @@ class _FacadeBase:
             "num_sanity_val_steps": 0,
             "plugins": [AtomicCheckpointIO()],
         }
-        cfg.update(self.trainer_kwargs)
+        extra = self.trainer_kwargs.get("callbacks")
+        cfg.update({k: v for k, v in self.trainer_kwargs.items() if k != "callbacks"})
+        if extra is not None:
+            # the user's callbacks join the trainer's; their own ModelCheckpoint / EarlyStopping
+            # takes the place of the trainer's of that kind
+            extra = list(extra) if isinstance(extra, (list, tuple)) else [extra]
+            kinds = tuple(k for k in (ModelCheckpoint, EarlyStopping) if any(isinstance(c, k) for c in extra))
+            cfg["callbacks"] = [c for c in callbacks if not isinstance(c, kinds)] + extra
         return cfg
 
     def _run_fit(self, train_dataloader: Any, val_dataloader: Any, model_file: str) -> None:
@@ -260,14 +267,17 @@ class _FacadeBase:
         self.trainer.fit(module, train_dataloaders=train_dataloader, val_dataloaders=val_dataloader)
         ckpt_cb = self.trainer.checkpoint_callback
         best = getattr(ckpt_cb, "best_model_path", "") if val_dataloader is not None else ""
-        if best:
+        score = getattr(ckpt_cb, "best_model_score", None)
+        if best and score is None:
+            # the user's own ModelCheckpoint without a monitor: its file holds the last weights, as the model does
+            rank_zero_info(f"The checkpoint callback monitors nothing; the model keeps the last epoch's weights ({best})")
+        elif best:
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             module.load_state_dict(state)
-            score = ckpt_cb.best_model_score  # type: ignore[union-attr]
-            rank_zero_info(f"Restored best weights ({module.monitor}={float(score):.6f}) from {best}")
-            if score is not None and not math.isfinite(float(score)):
+            rank_zero_info(f"Restored best weights ({ckpt_cb.monitor}={float(score):.6f}) from {best}")  # type: ignore[union-attr]
+            if not math.isfinite(float(score)):
                 rank_zero_warn(
-                    f"{module.monitor} was never a finite number (e.g. an AUC over labels of one class), so the "
+                    f"{ckpt_cb.monitor} was never a finite number (e.g. an AUC over labels of one class), so the "
                     f"restored weights {os.path.basename(best)} were not chosen by it; monitor another task or "
                     f"check the validation labels"
                 )

@@ -61,7 +61,8 @@ class MatchTrainer(_FacadeBase):
         gpus: GPU ids; two or more train with DDP.
         model_path: where ``model.pth`` and the checkpoints go.
         model_logger: a Torch-RecHub-style logger (or list).
-        trainer_kwargs: extra ``lightning.Trainer`` arguments.
+        trainer_kwargs: extra ``lightning.Trainer`` arguments (``callbacks`` join the trainer's, as
+            in :class:`~rechub_lightning.CTRTrainer`).
         **module_kwargs: extra :class:`~rechub_lightning.modules.match.MatchModule` arguments
             (``temperature``, ``logq_correction``, ``item_log_q``, ``mask_accidental_hits``,
             ``item_id_feature``, ``topk``, ``exclude_seen``, ...).

@@ -66,7 +66,8 @@ class MTLTrainer(_FacadeBase):
         model_logger: a Torch-RecHub-style logger (or list).
         earlystop_mode: ``"max"`` or ``"min"``; default by task type (AUC up, MSE down).
         trainer_kwargs: extra ``lightning.Trainer`` arguments; ``gradient_clip_val`` and
-            ``gradient_clip_algorithm`` are handed to the module (they work with every weighting).
+            ``gradient_clip_algorithm`` are handed to the module (they work with every weighting);
+            ``callbacks`` join the trainer's, as in :class:`~rechub_lightning.CTRTrainer`.
         **module_kwargs: extra :class:`~rechub_lightning.MTLModule` arguments.
 
     Example:

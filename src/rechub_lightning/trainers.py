@@ -43,7 +43,9 @@ class CTRTrainer(_FacadeBase):
         loss_mode: ``False`` for models returning ``(scores, aux_loss)`` (DIEN).
         model_path: where ``model.pth`` and the checkpoints go.
         model_logger: a Torch-RecHub-style logger (or list), or Lightning loggers via ``trainer_kwargs``.
-        trainer_kwargs: extra ``lightning.Trainer`` arguments (e.g. ``precision="bf16-mixed"``).
+        trainer_kwargs: extra ``lightning.Trainer`` arguments (e.g. ``precision="bf16-mixed"``);
+            ``callbacks`` are added to the trainer's early stopping and best checkpoint (a
+            ``ModelCheckpoint`` / ``EarlyStopping`` of yours takes the place of the trainer's).
         **module_kwargs: extra :class:`~rechub_lightning.CTRModule` arguments (e.g. ``sparse_embeddings=True``).
 
     Example:
