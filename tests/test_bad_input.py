@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from lightning import Trainer
+from lightning import Callback, Trainer
 
 from conftest import quiet_trainer_kwargs
 from rechub_lightning import CTRModule, DenseFeature, SequenceFeature, SparseFeature
@@ -69,8 +69,6 @@ CASES = [
     ("batch_size 0", lambda: CTRDataModule(data=frame(), batch_size=0), ValueError, "batch_size"),
     ("unknown synthetic data set", lambda: CTRDataModule(synthetic="movielens"), ValueError, "synthetic"),
     ("min_freq 0", lambda: CTRDataModule(data=frame(), min_freq=0), ValueError, "min_freq"),
-    ("one-row batch with BatchNorm", lambda: fit(CTRDataModule(data=frame(n=100), batch_size=39, split_ratio=(0.79, 0.2))),
-     ValueError, "batch_size"),
     ("unknown regularization key", lambda: CTRModule(torch.nn.Linear(1, 1), regularization_params={"l2": 1.0}), ValueError, "regularization_params"),
     ("bad scheduler_interval", lambda: CTRModule(torch.nn.Linear(1, 1), scheduler_interval="batch"), ValueError, "scheduler_interval"),
     ("unknown embedding_optimizer", lambda: CTRModule(torch.nn.Linear(1, 1), embedding_optimizer="adam"), ValueError, "embedding_optimizer"),
@@ -275,6 +273,13 @@ def ctr_fit_with(x=None, y=None, split=None, batch_size=50, features=None, **tra
     CTRTrainer(model, **kw).fit(tr, va)
 
 
+def ctr_trainer_fit_loaders(train, val):
+    from rechub_lightning import CTRTrainer
+
+    model = DeepFM(TWO + [DenseFeature("d")], TWO, MLP)
+    CTRTrainer(model, n_epoch=1, model_path=str(_tmp / "loaders"), trainer_kwargs=quiet_trainer_kwargs()).fit(train, val)
+
+
 def in_batch_one_row():
     from rechub_lightning import MatchTrainer
     from rechub_lightning.data import MatchDataGenerator
@@ -332,7 +337,11 @@ CASES += [
         {**columns(), "hist": with_value(np.arange(400).reshape(200, 2) % 10, (7, 1), 12)},
         features=TWO + [SequenceFeature("hist", 20, embed_dim=4, shared_with="a")]),
      ValueError, "'hist' in training data has id 12 outside [0, 10) (it shares the table of 'a'"),
-    ("CTRTrainer: last batch of one row with BatchNorm", lambda: ctr_fit_with(columns(201), batch_size=50), ValueError, "batch_size=50"),
+    # our loaders merge a 1-row tail into the batch before it (test_legal_edge_inputs_still_train); a user's own cannot
+    ("CTRTrainer, the user's DataLoader: last batch of one row with BatchNorm", lambda: ctr_trainer_fit_loaders(
+        reference_dataset_loader(columns(201), labels(201)), reference_dataset_loader(columns(), labels())), ValueError, "batch_size=50"),
+    ("Trainer.fit(CTRModule, raw loader): last batch of one row with BatchNorm", lambda: native(
+        ctr_module(), loader(columns(201), labels(201))), ValueError, "201 rows, batch_size=50"),
     ("MatchTrainer: in_batch_neg with batch_size 1", in_batch_one_row, ValueError, "in_batch_neg=True"),
     ("SparseFeature: fractional embed_dim", lambda: SparseFeature("city", 10, embed_dim=2.5), TypeError, "'city': embed_dim must be an int, got 2.5"),
     ("SparseFeature: fractional padding_idx", lambda: SparseFeature("city", 10, padding_idx=2.5), TypeError, "'city': padding_idx"),
@@ -406,10 +415,19 @@ def test_at_least_twenty_cases():
     assert len(CASES) >= 20
 
 
+class _RowsSeen(Callback):
+    def __init__(self):
+        self.sizes = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.sizes.append(len(batch[1]))
+
+
 def test_legal_edge_inputs_still_train():
     """What the checks above must not refuse: a (N, 1) label column, soft training labels in [0, 1],
     a training set smaller than one batch, a last batch of one row without BatchNorm, padding id 0
-    in a shared history, and a ragged history in a per-row dataset (checked padded with 0)."""
+    in a shared history, a ragged history in a per-row dataset (checked padded with 0), and a
+    1-row tail with BatchNorm in our own loaders (it joins the batch before it: every row trains)."""
     from rechub_lightning import CTRTrainer
     from rechub_lightning.data import DataGenerator, TorchDataset
     from rechub_lightning.data.base import validate_loader
@@ -428,6 +446,18 @@ def test_legal_edge_inputs_still_train():
     tr, va, _ = DataGenerator(x, y).generate_dataloader(x_val=x, y_val=y, x_test=x, y_test=y, batch_size=50)
     model = DeepFM(TWO + [DenseFeature("d")], TWO, {"dims": [8], "batch_norm": False})
     CTRTrainer(model, n_epoch=1, model_path=str(_tmp / "legal1"), trainer_kwargs=quiet_trainer_kwargs()).fit(tr, va)
+    # 201 rows in batches of 50 (DataGenerator) and 79 rows in batches of 39 (a datamodule), BatchNorm models
+    seen = _RowsSeen()
+    x, y = columns(201), labels(201)
+    tr, va, _ = DataGenerator(x, y).generate_dataloader(x_val=x, y_val=y, x_test=x, y_test=y, batch_size=50)
+    CTRTrainer(DeepFM(TWO + [DenseFeature("d")], TWO, MLP), n_epoch=1, model_path=str(_tmp / "tail"),
+               trainer_kwargs=quiet_trainer_kwargs(callbacks=[seen])).fit(tr, va)
+    assert seen.sizes == [50, 50, 50, 51]
+    seen = _RowsSeen()
+    dm = CTRDataModule(data=frame(n=100), batch_size=39, split_ratio=(0.79, 0.2))
+    module = CTRModule(DeepFM(schema=dm.schema, mlp_params=MLP))
+    Trainer(max_epochs=1, **quiet_trainer_kwargs(enable_checkpointing=False, callbacks=[seen])).fit(module, dm)
+    assert seen.sizes == [39, 40]
     ragged = [list(range(1 + i % 3)) for i in range(200)]
     dl = torch.utils.data.DataLoader(TorchDataset({**columns(), "hist": ragged}, soft), batch_size=50, collate_fn=lambda b: b)
     assert validate_loader(dl, TWO + [hist], "training", task_types=["classification"], allow_empty=False)

@@ -19,12 +19,13 @@ from rechub_lightning.data import (
 
 
 # ----------------------------------------------------------------------------- samplers
-@pytest.mark.parametrize("n,bs,world", [(103, 10, 2), (100, 7, 3), (5, 10, 2), (64, 8, 1)])
+@pytest.mark.parametrize("n,bs,world", [(103, 10, 2), (100, 7, 3), (5, 10, 2), (64, 8, 1), (101, 10, 2), (22, 7, 3)])
 def test_training_batches_are_disjoint_across_ranks(n, bs, world):
     per_rank = [list(ShuffledBatchSampler(n, bs, seed=3, num_replicas=world, rank=r)) for r in range(world)]
     lengths = {len(b) for b in per_rank}
     assert len(lengths) == 1  # every rank runs the same number of steps
-    nb = -(-n // bs)
+    nb = n // bs if n > bs and n % bs == 1 else -(-n // bs)  # a 1-row tail joins the batch before it
+    assert len(per_rank[0]) == -(-nb // world)
     seen = [tuple(b.tolist()) for r in per_rank for b in r]
     distinct = set(seen)
     assert len(distinct) == nb  # all batches dealt; repeats only to even out the ranks
@@ -32,6 +33,27 @@ def test_training_batches_are_disjoint_across_ranks(n, bs, world):
     assert rows == list(range(n))
     if nb % world == 0:
         assert len(seen) == len(distinct)
+
+
+@pytest.mark.parametrize("n,bs,drop_last,sizes", [
+    (21, 5, False, [5, 5, 5, 6]),  # the 1-row tail joins the last full batch
+    (22, 5, False, [5, 5, 5, 5, 2]),
+    (21, 5, True, [5, 5, 5, 5]),
+    (1, 5, False, [1]),  # nothing to merge with
+    (6, 5, False, [6]),
+])
+def test_a_one_row_tail_joins_the_batch_before_it(n, bs, drop_last, sizes):
+    from rechub_lightning.data.datasets import batch_sizes
+
+    for shuffle in (False, True):
+        s = ShuffledBatchSampler(n, bs, shuffle=shuffle, drop_last=drop_last, seed=1)
+        batches = list(s)
+        assert [len(b) for b in batches] == sizes and len(s) == len(sizes)
+        rows = torch.cat(batches).tolist()
+        assert len(rows) == len(set(rows)) and set(rows) <= set(range(n))
+        assert len(rows) == (n // bs * bs if drop_last else n)  # no row dropped or repeated
+    loader = make_dataloader(TensorDictDataset({"a": np.arange(n)}, np.zeros(n)), bs, shuffle=True, drop_last=drop_last)
+    assert batch_sizes(loader) == (bs, min(sizes), n)
 
 
 def test_training_order_reshuffles_per_epoch_and_is_reproducible():

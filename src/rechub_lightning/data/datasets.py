@@ -268,7 +268,9 @@ class ShuffledBatchSampler(_BatchSamplerBase):
     Every rank draws the same permutation (seed + epoch), so ranks get disjoint batches,
     reshuffled each epoch and reproducible from the seed. When the number of batches does
     not divide by the world size, the first batches are repeated so every rank runs the
-    same number of steps (DDP requires it).
+    same number of steps (DDP requires it). A final batch of a single row joins the batch
+    before it (``batch_size + 1`` rows): BatchNorm cannot train on one row, and in-batch
+    negatives need two (streamed data does the same).
 
     Args:
         n: number of rows.
@@ -294,7 +296,17 @@ class ShuffledBatchSampler(_BatchSamplerBase):
         self.seed = int(seed)
 
     def _num_batches(self) -> int:
-        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+        if self.drop_last or (self.n > self.batch_size and self.n % self.batch_size == 1):
+            return self.n // self.batch_size  # no tail, or a 1-row tail merged into the last batch
+        return math.ceil(self.n / self.batch_size)
+
+    def smallest_batch(self) -> int:
+        """Rows of the epoch's smallest batch (0 without batches)."""
+        nb = self._num_batches()
+        if nb == 0 or self.drop_last:
+            return self.batch_size if nb else 0
+        last = self.n - (nb - 1) * self.batch_size
+        return last if nb == 1 else min(self.batch_size, last)
 
     def __len__(self) -> int:
         return math.ceil(self._num_batches() / self.num_replicas)
@@ -313,7 +325,8 @@ class ShuffledBatchSampler(_BatchSamplerBase):
             b = (i * world + rank) % nb if nb else 0
             if nb == 0:
                 return
-            yield order[b * self.batch_size : min((b + 1) * self.batch_size, self.n)]
+            end = self.n if b == nb - 1 and not self.drop_last else (b + 1) * self.batch_size
+            yield order[b * self.batch_size : end]
 
 
 class UnrepeatedBatchSampler(_BatchSamplerBase):
@@ -460,21 +473,21 @@ def batch_sizes(loader: Any) -> tuple[int, int, int] | None:
     """``(batch size, rows of the epoch's smallest batch, rows)`` of a (training) loader, or ``None``
     when the loader does not say (an iterable, a stream, a custom batch sampler).
 
-    Reads :func:`make_dataloader`'s batch sampler, or a plain DataLoader's ``batch_size`` and
-    sampler length (under DDP Lightning's ``DistributedSampler``: this process's rows).
+    Reads :func:`make_dataloader`'s batch sampler (which merges a 1-row tail into the batch before
+    it), or a plain DataLoader's ``batch_size`` and sampler length (under DDP Lightning's ``DistributedSampler``: this process's rows).
     """
     sampler = getattr(loader, "sampler", None)
     if isinstance(sampler, ShuffledBatchSampler):
-        n, bs, drop_last = sampler.n, sampler.batch_size, sampler.drop_last
-    else:
-        bs = getattr(loader, "batch_size", None)
-        if not isinstance(bs, int) or bs < 1 or sampler is None:
-            return None
-        try:
-            n = len(sampler)
-        except TypeError:
-            return None
-        drop_last = bool(getattr(loader, "drop_last", False))
+        smallest = sampler.smallest_batch()
+        return (sampler.batch_size, smallest, sampler.n) if smallest else None
+    bs = getattr(loader, "batch_size", None)
+    if not isinstance(bs, int) or bs < 1 or sampler is None:
+        return None
+    try:
+        n = len(sampler)
+    except TypeError:
+        return None
+    drop_last = bool(getattr(loader, "drop_last", False))
     if n == 0 or (drop_last and n < bs):
         return None
     return bs, bs if drop_last or n % bs == 0 else n % bs, n

@@ -230,8 +230,9 @@ class RecModule(L.LightningModule):
 
     def check_train_batches(self, loader: Any) -> None:
         """Refuse, before the first step, training batches the model cannot train on (any loader
-        that tells its batch size and rows; streamed data merges a 1-row tail into the batch
-        before it): see :meth:`check_batch_sizes`."""
+        that tells its batch size and rows; :func:`~rechub_lightning.data.make_dataloader` and
+        streamed data merge a 1-row tail into the batch before it, so with them only a data set of
+        one row meets the check): see :meth:`check_batch_sizes`."""
         from ..data.datasets import batch_sizes
 
         sizes = batch_sizes(loader)
