@@ -7,6 +7,7 @@ import itertools
 import math
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -252,6 +253,74 @@ def test_reduce_lr_on_plateau_and_clipping_with_manual_optimisation(dm):
     assert rec.grad_norms and max(rec.grad_norms) <= 1e-3 * (1 + 1e-4)
 
 
+@pytest.mark.parametrize("method,algorithm", [(None, "norm"), ("uwl", "value"), ("gradnorm", "norm")])
+def test_clipping_with_sparse_embedding_gradients_equals_dense(dm, method, algorithm):
+    """Clipping (the module's ``gradient_clip_val``) covers row-wise embedding gradients: sparse and
+    dense SGD (equal updates) give the same weights, with the clip engaged (it failed on sparse
+    gradients). GradNorm trains dense embeddings, where the same clipping runs."""
+
+    def run(sparse):
+        torch.manual_seed(0)
+        model = MMOE(schema=dm.schema, n_expert=2, expert_params=SMALL, tower_params_list=TOWERS)
+        module = MTLModule(
+            model, adaptive_params={"method": method} if method else None, optimizer_fn="torch.optim.SGD",
+            optimizer_params={"lr": 0.5}, sparse_embeddings=sparse and method != "gradnorm", embedding_optimizer="sgd",
+            gradient_clip_val=1e-3, gradient_clip_algorithm=algorithm,
+        )
+        Trainer(max_steps=3, limit_val_batches=0, **quiet_trainer_kwargs(enable_checkpointing=False)).fit(module, dm)
+        return model.state_dict()
+
+    sparse, dense = run(True), run(False)
+    assert sparse.keys() == dense.keys()
+    for k in sparse:
+        torch.testing.assert_close(sparse[k], dense[k], rtol=1e-5, atol=1e-7, msg=k)
+    torch.manual_seed(0)
+    unclipped = MMOE(schema=dm.schema, n_expert=2, expert_params=SMALL, tower_params_list=TOWERS)
+    Trainer(max_steps=3, limit_val_batches=0, **quiet_trainer_kwargs(enable_checkpointing=False)).fit(
+        MTLModule(unclipped, adaptive_params={"method": method} if method else None, optimizer_fn="torch.optim.SGD",
+                  optimizer_params={"lr": 0.5}, sparse_embeddings=False), dm)
+    assert any(not torch.allclose(unclipped.state_dict()[k], dense[k]) for k in dense)  # the clip did something
+
+
+def test_mtl_trainer_epoch_loop_clips_sparse_gradients(dm):
+    """``MTLTrainer.train_one_epoch`` clips sparse embedding gradients too (torch's clip_grad_* cannot)."""
+    weights = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        model = MMOE(schema=dm.schema, n_expert=2, expert_params=SMALL, tower_params_list=TOWERS)
+        trainer = MTLTrainer(model, ["classification"] * 2, optimizer_fn=torch.optim.SGD, optimizer_params={"lr": 0.5},
+                             sparse_embeddings=sparse, embedding_optimizer="sgd", trainer_kwargs={"gradient_clip_val": 1e-3})
+        trainer.train_one_epoch(dm.train_dataloader())
+        weights.append(model.state_dict())
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize("method", [None, "pcgrad"])
+def test_reduce_lr_on_plateau_with_validation_every_other_epoch(dm, method):
+    """check_val_every_n_epoch=2: the plateau steps after the validated epochs only (it failed after
+    the first epoch, automatic and manual optimisation alike, asking for a scheduler_monitor)."""
+    model = MMOE(schema=dm.schema, n_expert=2, expert_params=SMALL, tower_params_list=TOWERS)
+    module = MTLModule(
+        model, adaptive_params={"method": method} if method else None, optimizer_params={"lr": 0.01},
+        scheduler_fn="torch.optim.lr_scheduler.ReduceLROnPlateau",
+        scheduler_params={"mode": "max", "factor": 0.5, "patience": 0, "threshold": 10.0, "threshold_mode": "abs"},
+    )
+    trainer = Trainer(max_epochs=4, check_val_every_n_epoch=2, limit_train_batches=2, limit_val_batches=2,
+                      **quiet_trainer_kwargs(enable_checkpointing=False))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ReduceLROnPlateau conditioned on metric.*")
+        trainer.fit(module, dm)
+    # two plateau steps (after epochs 2 and 4): the first sets the best value, the second never beats it by 10
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 0.5)
+    # a monitor that is never logged is still an error when every epoch validates
+    module = MTLModule(MMOE(schema=dm.schema, n_expert=2, expert_params=SMALL, tower_params_list=TOWERS),
+                       adaptive_params={"method": method} if method else None,
+                       scheduler_fn="torch.optim.lr_scheduler.ReduceLROnPlateau", scheduler_monitor="val/typo")
+    with pytest.raises(Exception, match="val/typo"):
+        Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=2, **quiet_trainer_kwargs(enable_checkpointing=False)).fit(module, dm)
+
+
 def test_step_scheduler_is_stepped_by_the_module(dm):
     model = MMOE(schema=dm.schema, n_expert=2, expert_params=SMALL, tower_params_list=TOWERS)
     module = MTLModule(
@@ -425,3 +494,14 @@ def test_reference_model_object_trains_with_probabilities(dm):
     assert 0.0 <= float(trainer.callback_metrics["val/task_1_auc"]) <= 1.0
     preds = module.predict_step(next(iter(dm.val_dataloader()))[0], 0)
     assert ((preds >= 0) & (preds <= 1)).all()
+
+
+@pytest.mark.parametrize("method", [None, "gradnorm"])
+def test_training_throughput_is_logged(dm, method):
+    """``train/rows_per_sec`` as for the other modules (MTL's epoch-end hook skipped the base one)."""
+    model = MMOE(schema=dm.schema, n_expert=2, expert_params=SMALL, tower_params_list=TOWERS)
+    module = MTLModule(model, adaptive_params={"method": method} if method else None)
+    trainer = Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, **quiet_trainer_kwargs(enable_checkpointing=False))
+    trainer.fit(module, dm)
+    assert module._epoch_clock[1] == 3 * dm.batch_size  # the rows of the three batches
+    assert float(trainer.callback_metrics["train/rows_per_sec"]) > 0

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from .modules.base import split_batch
+from .modules.base import clip_sparse_aware_, split_batch
 from .modules.mtl import MTLModule
 from ._facade import _FacadeBase, _to_device
 
@@ -162,12 +162,9 @@ class MTLTrainer(_FacadeBase):
                 module.manual_gradients(trained, extra)
             else:
                 (module.weighting(trained) + extra).backward()
-            if module.gradient_clip_val is not None:
+            if module.gradient_clip_val is not None:  # sparse (row-wise) embedding gradients included
                 params = [p for g in opt.param_groups for p in g["params"]]
-                if module.gradient_clip_algorithm == "value":
-                    torch.nn.utils.clip_grad_value_(params, module.gradient_clip_val)
-                else:
-                    torch.nn.utils.clip_grad_norm_(params, module.gradient_clip_val)
+                clip_sparse_aware_(params, float(module.gradient_clip_val), module.gradient_clip_algorithm)
             opt.step()
             totals += torch.tensor([float(x.detach()) for x in losses], dtype=torch.float64)
             count += 1

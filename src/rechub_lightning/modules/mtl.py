@@ -391,7 +391,7 @@ class MTLModule(RecModule):
     ) -> None:
         if self.gradient_clip_val is not None:
             gradient_clip_val, gradient_clip_algorithm = self.gradient_clip_val, self.gradient_clip_algorithm
-        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)  # sparse-aware
 
     # ------------------------------------------------------------------ hooks and steps
     def loader_checks(self, stage: str) -> dict[str, Any]:
@@ -461,9 +461,7 @@ class MTLModule(RecModule):
             optimizer.zero_grad()  # type: ignore[union-attr]
             total = self.manual_gradients(trained, extra, self._reduce_fn())
             if self.gradient_clip_val is not None:
-                self.clip_gradients(
-                    optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm=self.gradient_clip_algorithm  # type: ignore[arg-type]
-                )
+                self.configure_gradient_clipping(optimizer)  # type: ignore[arg-type]
             optimizer.step()  # type: ignore[union-attr]
             self._step_schedulers("step")
 
@@ -477,6 +475,7 @@ class MTLModule(RecModule):
         return total
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()  # train/rows_per_sec
         weights = self.weighting.weights()
         for k, i in enumerate(self.trained_tasks):
             self.log(f"loss_weight/task_{i}", float(weights[k]), on_step=False, on_epoch=True, sync_dist=True)
