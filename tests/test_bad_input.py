@@ -273,6 +273,27 @@ def ctr_fit_with(x=None, y=None, split=None, batch_size=50, features=None, **tra
     CTRTrainer(model, **kw).fit(tr, va)
 
 
+def overfit_batches_with_a_datamodule():
+    dm = CTRDataModule(data=frame(n=200), batch_size=32)
+    Trainer(max_epochs=1, overfit_batches=2, **quiet_trainer_kwargs(enable_checkpointing=False)).fit(
+        CTRModule(DeepFM(schema=dm.schema, mlp_params=MLP)), dm)
+
+
+def overfit_batches_with_ctr_trainer():
+    from rechub_lightning import CTRTrainer
+    from rechub_lightning.data import DataGenerator
+
+    tr, va, _ = DataGenerator(columns(), labels()).generate_dataloader(split_ratio=[0.7, 0.2], batch_size=32)
+    CTRTrainer(DeepFM(TWO + [DenseFeature("d")], TWO, MLP), n_epoch=1, model_path=str(_tmp / "overfit"),
+               trainer_kwargs=quiet_trainer_kwargs(overfit_batches=2)).fit(tr, va)
+
+
+def two_validation_loaders():
+    tr, va = loader(columns(), labels()), loader(columns(), labels())
+    trainer = Trainer(max_epochs=1, **quiet_trainer_kwargs(enable_checkpointing=False))
+    trainer.fit(ctr_module(), tr, [va, va])
+
+
 def ctr_trainer_fit_loaders(train, val):
     from rechub_lightning import CTRTrainer
 
@@ -343,6 +364,10 @@ CASES += [
     ("Trainer.fit(CTRModule, raw loader): last batch of one row with BatchNorm", lambda: native(
         ctr_module(), loader(columns(201), labels(201))), ValueError, "201 rows, batch_size=50"),
     ("MatchTrainer: in_batch_neg with batch_size 1", in_batch_one_row, ValueError, "in_batch_neg=True"),
+    ("Trainer(overfit_batches) with a datamodule (rebuilds its batched loaders row by row)", overfit_batches_with_a_datamodule,
+     ValueError, "overfit_batches=2"),
+    ("CTRTrainer with overfit_batches in trainer_kwargs", overfit_batches_with_ctr_trainer, ValueError, "overfit_batches=2"),
+    ("Trainer.fit(CTRModule) with two validation loaders (one metric state)", two_validation_loaders, ValueError, "got 2"),
     ("SparseFeature: fractional embed_dim", lambda: SparseFeature("city", 10, embed_dim=2.5), TypeError, "'city': embed_dim must be an int, got 2.5"),
     ("SparseFeature: fractional padding_idx", lambda: SparseFeature("city", 10, padding_idx=2.5), TypeError, "'city': padding_idx"),
     ("DenseFeature: text embed_dim", lambda: DenseFeature("age", "x"), TypeError, "'age': embed_dim must be an int, got 'x'"),

@@ -76,3 +76,25 @@ def test_bf16_mmoe(mtl_dm, method):
     assert torch.isfinite(weights).all()
     assert all(torch.isfinite(b).all() for b in module.weighting.buffers() if b.is_floating_point())
     assert f"val/task_0_{module.score_names[0]}" in val
+
+
+@pytest.mark.parametrize("name", ["DeepFM", "AutoInt"])
+def test_bf16_true_trains_models_with_dense_features(name):
+    """``precision="bf16-true"`` (weights and inputs in bf16): dense inputs follow the weights' dtype
+    (a hard-coded float32 cast made every model with dense features fail on its first matmul)."""
+    from rechub_lightning import CTRModule
+    from rechub_lightning.data import CTRDataModule
+    from rechub_lightning.models import ranking
+
+    torch.manual_seed(0)
+    dm = CTRDataModule(synthetic_rows=600, synthetic_max_vocab=50, batch_size=64, embed_dim=8)
+    assert dm.schema.dense
+    kw = {"num_layers": 1} if name == "AutoInt" else {}
+    module = CTRModule(getattr(ranking, name)(schema=dm.schema, mlp_params={"dims": [8]}, **kw))
+    trainer = Trainer(max_steps=4, precision="bf16-true", **quiet_trainer_kwargs(enable_checkpointing=False))
+    trainer.fit(module, dm)
+    assert trainer.global_step == 4
+    assert all(p.dtype == torch.bfloat16 for p in module.parameters())
+    assert all(torch.isfinite(p.float()).all() for p in module.parameters())
+    val = trainer.validate(module, dm, verbose=False)[0]
+    assert 0.0 <= val["val/auc"] <= 1.0

@@ -231,3 +231,20 @@ def test_step_loss_reaches_the_progress_bar_only_when_there_is_one(dm, monkeypat
         assert ("train/loss_step" in trainer.progress_bar_metrics) is bar
         assert "train/loss_step" in trainer.callback_metrics or "train/loss" in trainer.callback_metrics
         assert (len(conversions) >= 5) is bar  # one conversion per step with a bar, none without
+
+
+def test_reduce_lr_on_plateau_follows_the_monitored_metrics_direction():
+    """ReduceLROnPlateau's own default is mode="min": watching val/auc it cut the rate each time the
+    AUC rose. Its mode now defaults to the watched metric's direction; an explicit mode is kept."""
+    feats = [SparseFeature("a", 10, embed_dim=4)]
+    plateau = "torch.optim.lr_scheduler.ReduceLROnPlateau"
+
+    def mode(**kw):
+        module = CTRModule(DeepFM(feats, feats, {"dims": [4]}), scheduler_fn=plateau, **kw)
+        return module.configure_optimizers()["lr_scheduler"]["scheduler"].mode
+
+    assert mode() == "max"  # val/auc
+    assert mode(scheduler_monitor="val/logloss") == "min"
+    assert mode(scheduler_params={"mode": "min"}) == "min"
+    with pytest.raises(ValueError, match="val/something"):
+        mode(scheduler_monitor="val/something")

@@ -506,3 +506,63 @@ def test_callbacks_in_trainer_kwargs_join_early_stopping_and_best_weights(tmp_pa
     trainer, model = run([last], tmp_path / "d")  # no monitor: the model keeps its last weights
     saved = torch.load(last.best_model_path, weights_only=True)["state_dict"]
     assert all(torch.equal(v, saved[f"model.{k}"]) for k, v in model.state_dict().items())
+
+
+def test_list_wise_test_rows_with_a_scalar_neg_items_column_embed_and_evaluate(tmp_path):
+    """The reference's list-wise flow (``generate_seq_feature_match(mode=2)`` -> ``gen_model_input``)
+    leaves one id under ``neg_items`` in the test rows; the user tower never reads it, so
+    ``inference_embedding`` and ``evaluate`` check only the towers' features (they refused the
+    column as a malformed sequence). A bad id in a tower feature is still refused."""
+    from sklearn.preprocessing import LabelEncoder
+
+    from rechub_lightning import SequenceFeature
+    from rechub_lightning.data import df_to_dict, gen_model_input, generate_seq_feature_match, make_movielens_like
+    from rechub_lightning.models.matching import YoutubeDNN
+
+    df = make_movielens_like(n_users=40, n_items=80, interactions_per_user=(8, 12)).ratings
+    vocab = {}
+    for f in ("user_id", "movie_id", "gender"):
+        df[f] = LabelEncoder().fit_transform(df[f]) + 1
+        vocab[f] = int(df[f].max()) + 1
+    users, items = df[["user_id", "gender"]].drop_duplicates("user_id"), df[["movie_id"]].drop_duplicates("movie_id")
+    train, test = generate_seq_feature_match(df, "user_id", "movie_id", time_col="timestamp", item_attribute_cols=[],
+                                             sample_method=1, mode=2, neg_ratio=3, min_item=0)
+    x_train = gen_model_input(train, users, "user_id", items, "movie_id", seq_max_len=20)
+    x_test = gen_model_input(test, users, "user_id", items, "movie_id", seq_max_len=20)
+    assert np.ndim(x_test["neg_items"]) == 1  # the reference's shape: one id per test row
+    user_feats = [SparseFeature("user_id", vocab["user_id"], 8), SparseFeature("gender", vocab["gender"], 8),
+                  SequenceFeature("hist_movie_id", vocab["movie_id"], 8, pooling="mean", shared_with="movie_id")]
+    item_feats = [SparseFeature("movie_id", vocab["movie_id"], 8)]
+    neg = [SequenceFeature("neg_items", vocab["movie_id"], 8, pooling="concat", shared_with="movie_id")]
+    corpus = df_to_dict(items)
+    train_dl, test_dl, item_dl = MatchDataGenerator(x_train, np.zeros(len(train))).generate_dataloader(x_test, corpus, batch_size=32)
+    model = YoutubeDNN(user_feats, item_feats, neg, user_params={"dims": [8]}, temperature=0.2)
+    trainer = MatchTrainer(model, mode=2, n_epoch=1, model_path=str(tmp_path), trainer_kwargs=quiet_trainer_kwargs())
+    trainer.fit(train_dl)
+    user_emb = trainer.inference_embedding(model, "user", test_dl, str(tmp_path))
+    item_emb = trainer.inference_embedding(model, "item", item_dl, str(tmp_path))
+    assert user_emb.shape == (len(test), 8) and item_emb.shape == (len(corpus["movie_id"]), 8)
+    truth = torch.as_tensor(x_test["movie_id"])
+    metrics = trainer.evaluate(model, test_dl, item_loader=item_dl, ground_truth=list(x_test["movie_id"]), topk=[10])
+    top = torch.as_tensor(corpus["movie_id"])[(user_emb @ item_emb.T).topk(10, dim=1).indices]
+    assert metrics["recall@10"] == pytest.approx(float((top == truth[:, None]).any(1).float().mean()))
+    bad = {**x_test, "gender": np.full(len(test), vocab["gender"] + 3)}
+    _, bad_dl, _ = MatchDataGenerator(x_train, np.zeros(len(train))).generate_dataloader(bad, corpus, batch_size=32)
+    with pytest.raises(ValueError, match="'gender'"):
+        trainer.inference_embedding(model, "user", bad_dl, str(tmp_path))
+
+
+def test_max_steps_shorter_than_an_epoch_with_the_trainers_early_stopping(tmp_path):
+    """``trainer_kwargs={"max_steps": 3}`` ends inside the first epoch, before any validation: the
+    trainer's own EarlyStopping checks after validation runs only (it failed at the epoch end on the
+    missing val/auc); test_early_stopper_decides_as_torch_rechub_and_keeps_the_best_weights covers the stops."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    x, y = ctr_columns(600)
+    train, val, _ = DataGenerator(x, y, seed=0).generate_dataloader(split_ratio=[0.7, 0.3], batch_size=32)
+    model = DeepFM(FEATS + [DenseFeature("d")], FEATS, {"dims": [8]})
+    trainer = CTRTrainer(model, n_epoch=3, model_path=str(tmp_path), trainer_kwargs=quiet_trainer_kwargs(max_steps=3))
+    trainer.fit(train, val)
+    assert trainer.trainer.global_step == 3 and len(train) > 3
+    stopper = next(c for c in trainer.trainer.callbacks if isinstance(c, EarlyStopping))
+    assert stopper.monitor == "val/auc" and stopper.wait_count == 0

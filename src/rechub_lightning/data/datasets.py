@@ -419,8 +419,15 @@ class BatchDataLoader(_ResumableLoader, DataLoader):
     """
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        if not isinstance(self.sampler, _BatchSamplerBase):
+            # e.g. Trainer(overfit_batches=N) rebuilds the loader around a row-by-row SequentialSampler
+            raise ValueError(
+                f"this loader gathers whole batches through its batch sampler, but it was rebuilt with a "
+                f"{type(self.sampler).__name__} (Trainer(overfit_batches=...) does this, and is not supported); to train on a "
+                f"few batches use limit_train_batches=N and limit_val_batches=N"
+            )
         skip = self._take_resume_skip()
-        self.sampler.skip_next(skip)  # type: ignore[union-attr]
+        self.sampler.skip_next(skip)
         return self._counting(super().__iter__(), skip)
 
     def _loader_epoch(self) -> int:

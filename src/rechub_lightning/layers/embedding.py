@@ -123,6 +123,13 @@ class EmbeddingLayer(nn.Module):
         self._plans: dict[tuple[str, ...], list] = {}
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        """The tables' floating dtype (dense inputs are cast to it)."""
+        for table in self.tables.values():
+            return table.weight.dtype  # type: ignore[return-value]
+        return torch.get_default_dtype()
+
     def table_for(self, feature: Feature | str) -> nn.Embedding:
         """The (fused) ``nn.Embedding`` that holds a feature's rows."""
         name = feature if isinstance(feature, str) else feature.name
@@ -208,7 +215,7 @@ class EmbeddingLayer(nn.Module):
                 pooled = masked_pool(emb, mask, f.pooling)
                 sparse_parts.append(pooled.unsqueeze(1))
             else:
-                v = x[feats[0].name].float()
+                v = x[feats[0].name].to(self.dtype)  # the tables' dtype: float32, or bf16/fp16 under *-true precision
                 dense_parts.append(v.unsqueeze(1) if v.dim() == 1 else v)
 
         if squeeze_dim:

@@ -108,7 +108,10 @@ class RecModule(L.LightningModule):
             included (the reference only handled StepLR).
         scheduler_params: its keyword arguments.
         scheduler_interval: step the scheduler every ``"epoch"`` or ``"step"``.
-        scheduler_monitor: metric ReduceLROnPlateau watches (default: the module's ``monitor``).
+        scheduler_monitor: metric ReduceLROnPlateau watches (default: the module's ``monitor``;
+            its ``mode`` defaults to that metric's direction, e.g. ``"max"`` for an AUC);
+            with ``check_val_every_n_epoch=n`` the plateau steps after every n-th epoch, when the
+            metric is fresh.
         sparse_embeddings: give embedding tables row-sparse gradients and update them with
             ``embedding_optimizer`` (a lazy optimizer touching only the batch's rows, without
             weight decay), so a step's cost does not grow with the vocabulary. ``None`` (default)
@@ -227,6 +230,23 @@ class RecModule(L.LightningModule):
         _destroy_process_group_at_exit()
         if stage == "fit":
             self._resolve_sparse()
+            self._refuse_overfit_batches()
+
+    def _refuse_overfit_batches(self) -> None:
+        """``Trainer(overfit_batches=N)`` rebuilds training loaders around a row-by-row sampler, which
+        our datamodules' batched loaders cannot use: refuse it here, before Lightning does that."""
+        trainer = self._trainer
+        if trainer is None or not trainer.overfit_batches:
+            return
+        from ..data.base import TabularDataModule
+        from ..data.match import MatchDataModule
+
+        if isinstance(trainer.datamodule, (TabularDataModule, MatchDataModule)):
+            raise ValueError(
+                f"Trainer(overfit_batches={trainer.overfit_batches!r}) rebuilds the training loader row by row, which "
+                f"{type(trainer.datamodule).__name__}'s batched loaders do not support; use limit_train_batches=N and "
+                f"limit_val_batches=N instead"
+            )
 
     def check_train_batches(self, loader: Any) -> None:
         """Refuse, before the first step, training batches the model cannot train on (any loader
@@ -291,15 +311,10 @@ class RecModule(L.LightningModule):
         A dataset that passed the same checks is not read again.
         """
         from ..data.base import validate_loader
-        from ..export import model_features
-        from ..features import Feature
 
         if loader is None:
             return
-        try:
-            feats = [f for f in model_features(self.model if model is None else model) if isinstance(f, Feature)] or None
-        except ValueError:  # a foreign model (e.g. Torch-RecHub's): its own layers check ids
-            feats = None
+        feats = self.checked_features(stage, self.model if model is None else model)
         checks = self.loader_checks(stage)
         if not labels:
             checks = {**checks, "task_types": None}
@@ -308,12 +323,29 @@ class RecModule(L.LightningModule):
         if stage == "train":
             self.check_train_batches(loader)
 
+    def checked_features(self, stage: str, model: nn.Module) -> list[Any] | None:
+        """The features :meth:`check_loader` checks a ``stage`` loader against: every feature the
+        model reads (``None`` for a foreign model, e.g. Torch-RecHub's: its own layers check ids)."""
+        from ..export import model_features
+        from ..features import Feature
+
+        try:
+            return [f for f in model_features(model) if isinstance(f, Feature)] or None
+        except ValueError:
+            return None
+
     def _check_loaders(self, stage: str, loaders: Any) -> None:
         """:meth:`check_loader` for each of a stage's loaders (a loader, a list or a dict of them):
         the hooks below cover loaders passed straight to ``lightning.Trainer``."""
         if loaders is None:
             return
-        items = loaders.values() if isinstance(loaders, Mapping) else loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        items = list(loaders.values() if isinstance(loaders, Mapping) else loaders if isinstance(loaders, (list, tuple)) else [loaders])
+        if stage in ("val", "test") and len(items) > 1:
+            # one metric state per stage: several loaders would be scored as one
+            raise ValueError(
+                f"{type(self).__name__} {'validates' if stage == 'val' else 'tests'} one loader at a time, got {len(items)}; "
+                f"concatenate their data or run trainer.{'validate' if stage == 'val' else 'test'}() once per loader"
+            )
         for loader in items:
             self.check_loader(loader, stage)
 
@@ -391,14 +423,38 @@ class RecModule(L.LightningModule):
     def build_scheduler(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
         if self.scheduler_fn is None:
             return None
-        scheduler = self.scheduler_fn(optimizer, **self.scheduler_params)
+        params = dict(self.scheduler_params)
+        plateau = isinstance(self.scheduler_fn, type) and issubclass(self.scheduler_fn, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if plateau and "mode" not in params:
+            # ReduceLROnPlateau defaults to mode="min": watching an AUC it would cut the rate as the AUC rises
+            params["mode"] = self.metric_mode(self.scheduler_monitor or self.monitor)
+        scheduler = self.scheduler_fn(optimizer, **params)
+        frequency = 1
+        every = getattr(self._trainer, "check_val_every_n_epoch", 1)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and self.scheduler_interval == "epoch" and every:
+            # the plateau reads a validation metric: step it after the epochs that validate
+            # (check_val_every_n_epoch=2: every other epoch), never on a missing or stale value
+            frequency = int(every)
         return {
             "scheduler": scheduler,
             "interval": self.scheduler_interval,
-            "frequency": 1,
+            "frequency": frequency,
             "monitor": self.scheduler_monitor or self.monitor,
             "strict": True,
         }
+
+    def metric_mode(self, name: str) -> str:
+        """``"max"`` or ``"min"``: the direction in which metric ``name`` improves."""
+        if name == self.monitor:
+            return self.monitor_mode
+        leaf = name.rsplit("/", 1)[-1].lower()
+        if any(k in leaf for k in ("loss", "mse", "mae", "rmse")):
+            return "min"
+        if any(k in leaf for k in ("auc", "recall", "ndcg", "mrr", "hit", "precision", "accuracy")):
+            return "max"
+        raise ValueError(
+            f"cannot tell whether {name!r} improves upwards or downwards; give scheduler_params={{'mode': 'max'}} (or 'min')"
+        )
 
     def configure_optimizers(self) -> Any:
         optimizer = self.build_optimizer()

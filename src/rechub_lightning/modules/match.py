@@ -387,6 +387,18 @@ class MatchModule(RecModule):
             }
         return {"task_types": None, "require_all": False}
 
+    def checked_features(self, stage: str, model: nn.Module) -> list[Any] | None:
+        """Outside training only the towers' features: the negatives' columns (``neg_items`` of
+        list-wise samples) feed the training loss alone, and evaluation or inference rows may hold
+        anything under that name (the list-wise test rows of ``gen_model_input`` hold one id)."""
+        if stage != "train":
+            from ..export import _tower_features
+
+            tower = {f.name: f for t in ("user", "item") for f in _tower_features(unwrap_model(model), t)}
+            if tower:
+                return list(tower.values())
+        return super().checked_features(stage, model)
+
     def check_batch_sizes(self, batch_size: int, smallest: int, rows: int) -> None:
         """Also refuse in-batch negatives from batches of one row (no negative at all: the loss is
         0) or fewer rows than ``in_batch_neg_ratio`` + 1."""

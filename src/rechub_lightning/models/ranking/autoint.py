@@ -80,8 +80,9 @@ class AutoInt(RecModel):
     def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         fields = [self.sparse_embedding(x, self.sparse_features, squeeze_dim=False)]
         for f in self.dense_features:
-            v = x[f.name].float().reshape(-1, f.embed_dim)
-            fields.append(self.dense_embeddings[f.name](v).unsqueeze(1))
+            proj = self.dense_embeddings[f.name]
+            v = x[f.name].to(proj.weight.dtype).reshape(-1, f.embed_dim)  # float32, or bf16/fp16 under *-true precision
+            fields.append(proj(v).unsqueeze(1))
         embed_x = torch.cat(fields, dim=1) if len(fields) > 1 else fields[0]  # (B, F, D)
         attn_out = embed_x
         for layer in self.interacting_layers:
