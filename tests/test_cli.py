@@ -96,3 +96,24 @@ def test_predict_raw_csv_matches_module_on_encoded_rows(fitted, tmp_path):
     with torch.no_grad():
         expect = torch.sigmoid(module(x)).numpy()
     assert abs(got["pred_label"].to_numpy() - expect).max() < 1e-6
+
+
+def test_predict_takes_the_label_name_the_checkpoint_was_trained_on(tmp_path):
+    """Trained with ``--data.label click``; ``rechub predict --ckpt_path`` with the same config and
+    no ``--data.label`` writes ``pred_click`` and ``label_click`` (it wrote ``pred_label``)."""
+    from rechub_lightning.data import CTRDataModule
+
+    frame = CTRDataModule(synthetic_rows=1500, synthetic_max_vocab=50).raw_frame("train").rename(columns={"label": "click"})
+    for c in [c for c in frame.columns if c.startswith("C")]:
+        frame[c] = "v" + frame[c].astype(str)  # categories as text, as in a raw Criteo file
+    csv = tmp_path / "clicks.csv"
+    frame.to_csv(csv, index=False)
+    main(["fit", "--config", "configs/ctr/deepfm.yaml", *TINY, "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}",
+          f"--data.init_args.path={csv}", "--data.init_args.label=click"])
+    best = glob.glob(str(tmp_path / "**" / "best-*.ckpt"), recursive=True)[0]
+    out = tmp_path / "preds.csv"
+    main(["predict", "--config", "configs/ctr/deepfm.yaml", *TINY, f"--trainer.default_root_dir={tmp_path}",
+          f"--ckpt_path={best}", f"--data.init_args.path={csv}", f"--predict_output={out}"])
+    got = pd.read_csv(out)
+    assert list(got.columns) == ["row", "pred_click", "label_click"]
+    assert (got["label_click"].to_numpy() == frame["click"].to_numpy()).all()

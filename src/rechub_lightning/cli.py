@@ -36,6 +36,10 @@ log = logging.getLogger("rechub_lightning")
 class RecHubCLI(LightningCLI):
     """LightningCLI with the schema link and checkpoint-aware preprocessing."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._cli_args = kwargs.get("args")  # what this command line says (None: sys.argv)
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.schema", "model.init_args.model.init_args.schema", apply_on="instantiate")
         parser.add_argument(
@@ -145,6 +149,30 @@ class RecHubCLI(LightningCLI):
             init_args = data.get("init_args") if hasattr(data, "get") else None
             if init_args is not None and "preprocessing_from" in init_args and not init_args.get("preprocessing_from"):
                 init_args["preprocessing_from"] = ckpt
+                self._labels_from_checkpoint(init_args, ckpt)
+
+    def _labels_from_checkpoint(self, init_args: Any, ckpt: str) -> None:
+        """The label column names the checkpoint was trained on (``--data.label click`` at fit time),
+        unless this command line names them: predictions are written as ``pred_<label>``."""
+        given = getattr(self, "_cli_args", None)
+        given = list(sys.argv[1:] if given is None else given) if not isinstance(given, dict) else []
+        if any(isinstance(a, str) and a.split("=")[0] in ("--data.label", "--data.labels", "--data.init_args.label", "--data.init_args.labels")
+               for a in given):
+            return
+        from .data.base import load_preprocessing_state
+
+        try:
+            trained = list((load_preprocessing_state(ckpt).get("schema") or {}).get("labels") or [])
+        except (ValueError, OSError):
+            return  # not our checkpoint: the datamodule reports it
+        if not trained:
+            return
+        if "label" in init_args and len(trained) == 1 and init_args.get("label") != trained[0]:
+            log.info(f"Label column {trained[0]!r} from the checkpoint (configured: {init_args.get('label')!r})")
+            init_args["label"] = trained[0]
+        elif "labels" in init_args and (init_args.get("labels") is None or list(init_args.get("labels")) != trained):
+            log.info(f"Label columns {trained} from the checkpoint (configured: {init_args.get('labels')})")
+            init_args["labels"] = trained
 
     def after_fit(self) -> None:
         trainer = self.trainer
