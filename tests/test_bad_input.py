@@ -383,7 +383,9 @@ CASES += [
         synthetic_users=30, eval_batch_size=0), ValueError, "eval_batch_size=0"),
     ("fractional batch_size", lambda: CTRDataModule(data=frame(), batch_size=2.5), ValueError, "batch_size=2.5"),
     ("NaN split_ratio", lambda: CTRDataModule(data=frame(), split_ratio=(float("nan"), 0.1)), ValueError, "split_ratio=(nan, 0.1)"),
-    ("sequence column of scalars", lambda: CTRDataModule(data=frame(hist=list(range(60))), sequence_features=["hist"]),
+    # (a column of whole numbers is a column of one-item histories: pandas reads "7" rows as 7)
+    ("sequence column of fractional numbers", lambda: CTRDataModule(data=frame(hist=[i + 0.5 for i in range(60)]),
+                                                                     sequence_features=["hist"]),
      TypeError, "sequence feature 'hist' must hold a list of ids"),
     # files and checkpoints (the CLI's --data.path / --ckpt_path)
     ("empty CSV file", unreadable_csv, ValueError, "empty.csv' is not a readable CSV table"),

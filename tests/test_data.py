@@ -238,3 +238,59 @@ def test_a_dense_column_without_training_values_is_reported_by_name():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a column with some values does not warn
         Preprocessor(sparse=["a"], dense=["e"]).fit(frame)
+
+
+# ----------------------------------------------------------------------------- files read like the training rows
+def _ids(dm, split, col):
+    dm.setup("fit")
+    dm.setup("test")
+    ds = {"train": dm.train_dataloader, "val": dm.val_dataloader, "test": dm.test_dataloader}[split]().dataset
+    return ds.x[col].reshape(len(ds), -1)[:, 0].tolist()
+
+
+def test_text_categories_in_a_separate_file_keep_their_training_ids(tmp_path):
+    """A val/test file is not re-guessed column by column: "02134" (a zip code) and "287130e0" (a hash)
+    read as the numbers 2134 and 287130.0 from a file of their own and became the unknown id 0."""
+    train = pd.DataFrame({"zip": ["02134", "10001", "98107-4311", "287130e0"] * 5, "label": [0, 1] * 10})
+    val = pd.DataFrame({"zip": ["02134", "287130e0", "10001"], "label": [0, 1, 0]})
+    train.to_csv(tmp_path / "train.csv", index=False)
+    val.to_csv(tmp_path / "val.csv", index=False)
+    val.to_csv(tmp_path / "test.csv", index=False)
+    dm = CTRDataModule(path=str(tmp_path / "train.csv"), val_path=str(tmp_path / "val.csv"), test_path=str(tmp_path / "test.csv"),
+                       sparse_features=["zip"], dense_features=[], batch_size=4)
+    enc = dm.preprocessor.encoders["zip"]
+    expect = enc.transform(pd.Series(["02134", "287130e0", "10001"])).tolist()
+    assert 0 not in expect
+    assert _ids(dm, "val", "zip") == expect and _ids(dm, "test", "zip") == expect
+
+
+def test_int64_ids_beyond_float_precision_stay_distinct():
+    """Ids of 2**53 and more (64-bit hashes) are keys of their own (float64 keys merged them)."""
+    base = 2**60
+    uid = np.array([base + 1, base + 2, base + 3, base + 4] * 3, dtype=np.int64)
+    enc = CategoryEncoder().fit(pd.Series(uid))
+    assert enc.vocab_size == 5
+    ids = enc.transform(pd.Series(uid[:4]))
+    assert sorted(ids.tolist()) == [1, 2, 3, 4]
+    restored = CategoryEncoder().load_state_dict(enc.state_dict())
+    assert restored.transform(pd.Series(uid[:4])).tolist() == ids.tolist()
+    assert restored.transform(pd.Series(np.array([base + 5], dtype=np.int64))).tolist() == [0]  # unseen
+
+
+def test_sequence_column_of_single_items_and_test_path_alone(tmp_path):
+    """A "1|2|3" column whose rows all hold one item is read as numbers: each is a one-item history
+    (it was refused). With test_path and no val_path, path is split into train and val."""
+    rng = np.random.default_rng(0)
+    n = 100
+    frame = pd.DataFrame({"item": rng.integers(1, 9, n).astype(str), "label": rng.integers(0, 2, n)})
+    frame["hist"] = rng.integers(1, 9, n)  # one item per row
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    frame.iloc[:10].to_csv(tmp_path / "test.csv", index=False)
+    dm = CTRDataModule(path=str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"), sparse_features=["item"],
+                       dense_features=[], sequence_features={"hist": "item"}, max_len=3, split_ratio=(0.8, 0.2), batch_size=8)
+    dm.setup("fit")
+    dm.setup("test")
+    assert len(dm.train_dataloader().dataset) == 80 and len(dm.val_dataloader().dataset) == 20
+    hist = dm.test_dataloader().dataset.x["hist"]
+    item_ids = dm.preprocessor.encoders["item"].transform(frame["hist"].iloc[:10].astype(str)).tolist()
+    assert hist[:, 0].tolist() == item_ids and (hist[:, 1:] == 0).all()

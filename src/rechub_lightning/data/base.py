@@ -43,8 +43,12 @@ def check_split_ratio(split_ratio: Any, arg: str = "split_ratio") -> tuple[float
 
 
 
-def read_table(path: str, **kwargs: Any) -> pd.DataFrame:
-    """Read a CSV/TSV (optionally compressed) or Parquet file into a frame."""
+def read_table(path: str, text_columns: Sequence[str] = (), **kwargs: Any) -> pd.DataFrame:
+    """Read a CSV/TSV (optionally compressed) or Parquet file into a frame.
+
+    ``text_columns`` of a CSV are read as text, not guessed per file: ``"02134"`` stays a zip code
+    and ``"287130e0"`` a hash (a file of their own would read them as the numbers 2134 and 287130.0,
+    which match no category fitted on the text)."""
     p = str(path)
     if not os.path.exists(p):
         raise FileNotFoundError(f"data file {p!r} does not exist")
@@ -56,10 +60,17 @@ def read_table(path: str, **kwargs: Any) -> pd.DataFrame:
             raise ImportError("reading Parquet needs pyarrow: pip install 'rechub-lightning[parquet]'") from e
         return pd.read_parquet(p, **kwargs)
     sep = "\t" if lower.endswith((".tsv", ".tsv.gz", ".txt")) else ","
+    if text_columns and "dtype" not in kwargs:
+        kwargs["dtype"] = {c: str for c in text_columns}
     try:
         return pd.read_csv(p, sep=kwargs.pop("sep", sep), **kwargs)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise ValueError(f"data file {p!r} is not a readable {'TSV' if sep == chr(9) else 'CSV'} table: {e}") from e
+
+
+def _text_columns(pre: Preprocessor) -> list[str]:
+    """The columns a fitted preprocessor reads as text: categories fitted on text, and sequences."""
+    return [c for c, enc in pre.encoders.items() if not enc.numeric and c in pre.sparse] + list(pre.sequence)
 
 
 def as_frame(data: Any, what: str = "data") -> pd.DataFrame:
@@ -372,6 +383,10 @@ class TabularDataModule(L.LightningDataModule):
         self._groups = groups
 
         restored = load_preprocessing_state(preprocessing_from) if preprocessing_from else None
+        seq_cols = list(sequence_features or []) if not isinstance(sequence_features, str) else []
+        self._text_columns = (
+            _text_columns(Preprocessor.from_state_dict(restored["preprocessor"])) if restored is not None else seq_cols
+        )
         if self.streaming:
             self._init_streaming(
                 path, data, val_path, test_path, restored, preprocessing_from, sparse_features, dense_features,
@@ -543,19 +558,30 @@ class TabularDataModule(L.LightningDataModule):
     def default_frame(self) -> pd.DataFrame:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _predict_text_columns(self) -> list[str]:
+        """Columns a prediction file must be read as text: text categories fitted at training time."""
+        return list(dict.fromkeys(list(self._text_columns) + _text_columns(self.preprocessor)))
+
     def _load_frames(self, path: str | None, data: Any, val_path: str | None, test_path: str | None) -> dict[str, pd.DataFrame | None]:
         if path is not None and data is not None:
             raise ValueError("give either path or data, not both")
-        whole = as_frame(data) if data is not None else read_table(path) if path is not None else self.default_frame()
+        text = list(self._text_columns)
+        whole = as_frame(data) if data is not None else read_table(path, text) if path is not None else self.default_frame()
         if isinstance(whole, dict):  # a default data set that comes split already
             return {**whole, "all": pd.concat([whole[k] for k in ("train", "val", "test") if whole.get(k) is not None], ignore_index=True)}
         if val_path is not None or test_path is not None:
-            return {
-                "train": whole,
-                "val": read_table(val_path) if val_path else None,
-                "test": read_table(test_path) if test_path else None,
-                "all": whole,
-            }
+            # the other files' columns that are text in the training rows are read as text
+            text += [c for c in whole.columns if c not in text and not pd.api.types.is_numeric_dtype(whole[c].dtype)
+                     and not pd.api.types.is_bool_dtype(whole[c].dtype)]
+            self._text_columns = text
+            train, val = whole, read_table(val_path, text) if val_path else None
+            if val_path is None and self._split_ratio[1] > 0:
+                # test_path alone: path holds train and validation rows, in split_ratio's proportion
+                perm = np.random.default_rng(self.seed).permutation(len(whole))
+                n_val = int(len(whole) * self._split_ratio[1] / (self._split_ratio[0] + self._split_ratio[1]))
+                take = lambda idx: whole.iloc[np.sort(idx)].reset_index(drop=True)  # noqa: E731
+                train, val = take(perm[n_val:]), take(perm[:n_val]) if n_val else None
+            return {"train": train, "val": val, "test": read_table(test_path, text) if test_path else None, "all": whole}
         n = len(whole)
         perm = np.random.default_rng(self.seed).permutation(n)
         n_train = int(n * self._split_ratio[0])
@@ -608,7 +634,7 @@ class TabularDataModule(L.LightningDataModule):
             return self._datasets[split]
         if split == "predict":
             if self._predict_path is not None:
-                frame = read_table(self._predict_path)
+                frame = read_table(self._predict_path, self._predict_text_columns())
             elif self._whole_file_for_predict:
                 frame = self._frames["all"]
             else:
@@ -685,7 +711,7 @@ class TabularDataModule(L.LightningDataModule):
             return src.read_columns([c for c in src.columns if c not in feats])
         if split == "predict":
             if self._predict_path is not None:
-                return read_table(self._predict_path)
+                return read_table(self._predict_path, self._predict_text_columns())
             return self._frames["all"] if self._whole_file_for_predict else self._frames["test"]
         return self._frames[split]
 

@@ -47,7 +47,8 @@ class CTRDataModule(TabularDataModule):
         dense_scaling: ``standard``, ``minmax``, ``log`` (signed log1p then standard) or ``none``.
         preprocess: encode categories (``False``: columns already hold ids).
         max_len: padded length of sequence features.
-        split_ratio: ``(train, val)`` fractions of ``path``/``data``; the rest is test.
+        split_ratio: ``(train, val)`` fractions of ``path``/``data``; the rest is test. With
+            ``test_path`` alone, ``path`` is split into train and val in this proportion.
         batch_size: training batch size.
         eval_batch_size: validation/test/predict batch size (default: ``batch_size``).
         num_workers: DataLoader workers (0 is fastest for in-memory tensors).

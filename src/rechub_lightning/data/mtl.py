@@ -71,7 +71,8 @@ class MTLDataModule(TabularDataModule):
         dense_scaling: ``standard``, ``minmax``, ``log`` or ``none``.
         preprocess: encode categories (``False``: columns already hold ids).
         max_len: padded length of sequence features.
-        split_ratio: ``(train, val)`` fractions of ``path``/``data``; the rest is test.
+        split_ratio: ``(train, val)`` fractions of ``path``/``data``; the rest is test. With
+            ``test_path`` alone, ``path`` is split into train and val in this proportion.
         batch_size: training batch size.
         eval_batch_size: validation/test/predict batch size (default: ``batch_size``).
         num_workers: DataLoader workers.

@@ -37,10 +37,13 @@ def _missing_mask(s: pd.Series) -> np.ndarray:
 
 
 def _canonical(s: pd.Series, numeric: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Keys of a column and its missing mask. Numeric keys are float64, others strings."""
+    """Keys of a column and its missing mask. Numeric keys are int64 (integer columns) or float64, others strings."""
     miss = _missing_mask(s)
     if numeric:
-        if _is_numeric(s):
+        if pd.api.types.is_integer_dtype(s.dtype):
+            # exact int64 keys: float64 would merge distinct ids from 2**53 on (64-bit hashed ids)
+            keys = s.to_numpy(dtype=np.int64, na_value=0) if miss.any() else s.to_numpy(dtype=np.int64)
+        elif _is_numeric(s):
             keys = s.to_numpy(dtype=np.float64, na_value=np.nan)
         else:  # the training column was numeric: unparsable values become NaN keys (unknown)
             keys = pd.to_numeric(s.where(~miss), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
@@ -113,7 +116,11 @@ class CategoryEncoder:
 
     def _idx(self) -> pd.Index:
         if self._index is None:
-            self._index = pd.Index(np.asarray(self.categories, dtype=np.float64 if self.numeric else object))
+            if self.numeric and all(isinstance(c, int) for c in self.categories):
+                dtype: Any = np.int64  # exact beyond 2**53
+            else:
+                dtype = np.float64 if self.numeric else object
+            self._index = pd.Index(np.asarray(self.categories, dtype=dtype))
         return self._index
 
     def transform(self, values: pd.Series | Iterable[Any]) -> np.ndarray:
@@ -308,6 +315,10 @@ def _split_sequence(values: pd.Series, sep: str, pad: Any = None) -> list[list[A
             seq = []
         elif np.ndim(v) == 1:
             seq = list(v)
+        elif isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            seq = [int(v)]  # a column whose every row holds one item is read as numbers: "7" -> 7
+        elif isinstance(v, (float, np.floating)) and float(v).is_integer():
+            seq = [int(v)]  # ... or as floats when some rows are empty
         else:
             raise TypeError(
                 f"sequence feature {values.name!r} must hold a list of ids (or a string joined by {sep!r}) per row, "
