@@ -131,3 +131,28 @@ def test_a_new_run_does_not_warn_that_its_log_folder_is_reused(tmp_path):
             main(args)
         assert not [w for w in caught if "exists and is not empty" in str(w.message)]
     assert len(glob.glob(str(tmp_path / "**" / "version_*" / "config.yaml"), recursive=True)) == 2
+
+
+def test_cli_export_of_bst_takes_histories_of_the_trained_length(tmp_path):
+    """BST's attention traces the history length as a constant: ``rechub export`` exports at the
+    checkpoint's ``max_len`` (it used 10, and the graph refused the trained length)."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from rechub_lightning.cli import load_model_from_checkpoint
+    from rechub_lightning.data.base import load_preprocessing_state
+    from rechub_lightning.export import dummy_inputs, model_features
+
+    main(["fit", "--config", "configs/ctr/bst.yaml", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+          "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+          f"--trainer.default_root_dir={tmp_path}"])
+    best = glob.glob(str(tmp_path / "**" / "best*.ckpt"), recursive=True)[0]
+    out = tmp_path / "bst.onnx"
+    main(["export", "--ckpt_path", best, "--output", str(out)])
+    max_len = load_preprocessing_state(best)["preprocessor"]["max_len"]
+    model = load_model_from_checkpoint(best)
+    x = dummy_inputs(model_features(model), batch_size=37, seq_length=max_len)
+    assert any(v.dim() == 2 and v.shape[1] == max_len != 10 for v in x.values())
+    got = ort.InferenceSession(str(out)).run(None, {k: v.numpy() for k, v in x.items()})[0]
+    with torch.no_grad():
+        expect = torch.sigmoid(model(x)).numpy()
+    assert np.abs(got - expect).max() < 1e-5

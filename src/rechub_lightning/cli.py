@@ -232,15 +232,29 @@ def export_main(argv: list[str]) -> str:
         "--quantize", choices=["int8", "fp16"], default=None,
         help="write a quantized model: int8 (8-bit weights and embedding tables, CPU serving) or fp16 (GPU serving)",
     )
+    p.add_argument(
+        "--seq_length", type=int, default=None,
+        help="history length of the example input (default: the checkpoint's max_len, the length histories are "
+             "padded to); BST's and SASRec's graphs accept only this length",
+    )
     args = p.parse_args(argv)
     model = load_model_from_checkpoint(args.ckpt_path)
+    seq_length = args.seq_length
+    if seq_length is None:
+        from .data.base import load_preprocessing_state
+
+        try:
+            seq_length = load_preprocessing_state(args.ckpt_path)["preprocessor"].get("max_len")
+        except (ValueError, KeyError, AttributeError):
+            seq_length = None  # a checkpoint without our datamodule: the model's own length or 10
+    kw = {"tower": args.tower, "opset_version": args.opset_version, "seq_length": seq_length}
     if args.quantize is None:
-        path = export_onnx(model, args.output, tower=args.tower, opset_version=args.opset_version)
+        path = export_onnx(model, args.output, **kw)
     else:
         out_dir = os.path.dirname(os.path.abspath(args.output))
         os.makedirs(out_dir, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-            fp32 = export_onnx(model, os.path.join(tmp, "float32.onnx"), tower=args.tower, opset_version=args.opset_version)
+            fp32 = export_onnx(model, os.path.join(tmp, "float32.onnx"), **kw)
             path = quantize_onnx(fp32, args.output, mode=args.quantize)
     log.info(f"Wrote {path}")
     return path

@@ -151,8 +151,9 @@ def export_onnx(
 
     Returns:
         The path written. Inputs are named after the features, the output ``output``; the
-        batch dimension (and sequence length) are dynamic, except SASRec's sequence length,
-        which its attention traces as a constant (feed histories padded to ``max_len``).
+        batch dimension (and sequence length) are dynamic, except SASRec's and BST's sequence
+        length, which their attention traces as a constant (export with ``seq_length`` = the
+        data's ``max_len`` and feed histories padded to it; ``rechub export`` does so).
 
     Raises:
         ImportError: when ``onnx`` is not installed (``pip install 'rechub-lightning[onnx]'``).
