@@ -314,6 +314,15 @@ def in_batch_one_row():
     MatchTrainer(model, mode=0, in_batch_neg=True, n_epoch=1, model_path=str(_tmp / "inb"), trainer_kwargs=quiet_trainer_kwargs()).fit(tr)
 
 
+def load_checkpoint_built_with_other_arguments():
+    """A DeepFM checkpoint with a [4] MLP restored into a DeepFM with an [8, 4] MLP (another config's overrides)."""
+    from rechub_lightning.models.base import model_spec
+
+    trained = CTRModule(DeepFM(TWO + [DenseFeature("d")], TWO, {"dims": [4]}))
+    ckpt = {"hyper_parameters": {"model": model_spec(trained.model)}, "state_dict": trained.state_dict()}
+    CTRModule(DeepFM(TWO + [DenseFeature("d")], TWO, {"dims": [8, 4]})).on_load_checkpoint(ckpt)
+
+
 def load_other_models_checkpoint():
     """A DeepFM checkpoint restored into a DCN module (``rechub predict --config dcn.yaml --ckpt_path deepfm.ckpt``)."""
     from rechub_lightning.models.base import model_spec
@@ -391,6 +400,8 @@ CASES += [
     ("empty CSV file", unreadable_csv, ValueError, "empty.csv' is not a readable CSV table"),
     ("a CSV as --ckpt_path", not_a_checkpoint, ValueError, "rows.csv' is not a readable PyTorch checkpoint"),
     ("checkpoint of another model", load_other_models_checkpoint, ValueError, "holds a DeepFM model"),
+    ("checkpoint of the same model built with other arguments", load_checkpoint_built_with_other_arguments, ValueError,
+     "mlp_params: checkpoint {'dims': [4]}, here {'dims': [8, 4]}"),
 ]
 
 

@@ -482,11 +482,34 @@ class RecModule(L.LightningModule):
                 f"the checkpoint holds a {theirs.rpartition('.')[2]} model ({theirs}), but this {type(self).__name__}'s "
                 f"model is a {ours.rpartition('.')[2]} ({ours}); use the config (or model) the checkpoint was trained with"
             )
+        if theirs and ours:
+            self._check_same_build(spec, checkpoint.get("state_dict") or {})
         rng = checkpoint.get("rechub_rng")
         if rng and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def _check_same_build(self, spec: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+        """The same model class built with other arguments (``--model...mlp_params``): name the
+        arguments that differ instead of torch's list of missing keys and size mismatches."""
+        own = self.state_dict()
+        fits = set(own) == set(state) and all(
+            tuple(getattr(state[k], "shape", ())) == tuple(getattr(v, "shape", ())) for k, v in own.items()
+        )
+        if fits:
+            return
+        theirs = dict(spec.get("init_args") or {})
+        ours = dict((model_spec(self.model) or {}).get("init_args") or {})
+        short = lambda v: (r if len(r := repr(v)) <= 120 else r[:117] + "...")  # noqa: E731
+        diff = [f"{k}: checkpoint {short(theirs.get(k))}, here {short(ours.get(k))}"
+                for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+        if diff:
+            name = str(spec.get("class_path", "")).rpartition(".")[2]
+            raise ValueError(
+                f"the checkpoint's {name} was built with other arguments than this one, so its weights do not fit: "
+                + "; ".join(diff) + " (use the config the checkpoint was trained with, or the same --model... overrides)"
+            )
 
     def on_train_epoch_start(self) -> None:
         self._log_learning_rate()
