@@ -294,3 +294,18 @@ def test_sequence_column_of_single_items_and_test_path_alone(tmp_path):
     hist = dm.test_dataloader().dataset.x["hist"]
     item_ids = dm.preprocessor.encoders["item"].transform(frame["hist"].iloc[:10].astype(str)).tolist()
     assert hist[:, 0].tolist() == item_ids and (hist[:, 1:] == 0).all()
+
+
+def test_saved_index_columns_are_flagged_and_unlisted_columns_named(tmp_path, caplog):
+    """A CSV written with its index gets an ``Unnamed: 0`` column: it would be a dense feature, so a
+    warning names it; columns left out of explicit feature lists are named in the log."""
+    import logging
+
+    frame = pd.DataFrame({"city": list("abcab") * 8, "age": np.arange(40.0), "label": [0, 1] * 20})
+    frame.to_csv(tmp_path / "with_index.csv")  # index=True: "Unnamed: 0"
+    with pytest.warns(UserWarning, match=r"\['Unnamed: 0'\] look like a DataFrame index"):
+        dm = CTRDataModule(path=str(tmp_path / "with_index.csv"), batch_size=8)
+    assert "Unnamed: 0" in dm.preprocessor.dense  # still a feature: it may be data
+    with caplog.at_level(logging.INFO):
+        dm = CTRDataModule(data=frame, sparse_features=["city"], batch_size=8)
+    assert dm.preprocessor.dense == [] and "Columns not used as features" in caplog.text and "'age'" in caplog.text

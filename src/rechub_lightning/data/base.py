@@ -9,6 +9,7 @@ LightningCLI can link it into the model) -> encoded column tensors, validated in
 from __future__ import annotations
 
 import os
+import re
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,7 +18,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..checkpoint import read_checkpoint
 from ..features import FeatureSchema, SequenceFeature, SparseFeature
@@ -624,6 +625,17 @@ class TabularDataModule(L.LightningDataModule):
             dense = [c for c in rest if is_num(c)]
             sparse = [c for c in rest if not is_num(c)]
             rank_zero_info(f"Inferred {len(dense)} dense feature(s) {dense} and {len(sparse)} sparse feature(s) {sparse}")
+            index_like = [c for c in rest if re.fullmatch(r"Unnamed: \d+", str(c))]
+            if index_like:
+                rank_zero_warn(
+                    f"column(s) {index_like} look like a DataFrame index saved with the CSV and are used as features; "
+                    f"pass ignore_columns={index_like} (or save with index=False) unless they are data"
+                )
+        else:
+            used = taken | set(sparse or []) | set(dense or [])
+            unused = [c for c in df.columns if c not in used]
+            if unused:  # the columns a user did not list are left out: say which
+                rank_zero_info(f"Columns not used as features (not in sparse_features/dense_features/sequence_features): {unused}")
         return list(sparse or []), list(dense or []), seq
 
     # ------------------------------------------------------------------ encoding
