@@ -263,14 +263,6 @@ class _FacadeBase:
         if self.n_epoch < 1:
             raise ValueError(f"fit with n_epoch={self.n_epoch} trains nothing (and would save the untrained weights); give n_epoch >= 1")
         self._check_loader(train_dataloader, "train", "training")
-        from .data.datasets import BatchDataLoader
-
-        if self.trainer_kwargs.get("overfit_batches") and isinstance(train_dataloader, BatchDataLoader):
-            raise ValueError(
-                f"trainer_kwargs overfit_batches={self.trainer_kwargs['overfit_batches']!r} rebuilds the training loader "
-                "row by row, which DataGenerator's batched loaders do not support; use limit_train_batches=N and "
-                "limit_val_batches=N instead"
-            )
         os.makedirs(self.model_path, exist_ok=True)
         module = self.module
         cfg = self.trainer_config(module.monitor, module.monitor_mode, val_dataloader is not None)

@@ -8,6 +8,7 @@ LightningCLI can link it into the model) -> encoded column tensors, validated in
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import weakref
@@ -90,12 +91,20 @@ def as_frame(data: Any, what: str = "data") -> pd.DataFrame:
 
 
 def load_preprocessing_state(ckpt_path: str) -> dict[str, Any]:
-    """The datamodule state (fitted preprocessing) stored in a Lightning checkpoint."""
-    ckpt = read_checkpoint(ckpt_path)
+    """The datamodule state (fitted preprocessing) stored in a Lightning checkpoint (read-only: the
+    CLI and the datamodule ask for the same file, which is read once while it is unchanged)."""
+    p = os.path.abspath(str(ckpt_path))
+    stat = os.stat(p) if os.path.exists(p) else None
+    return _preprocessing_state(p, stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0)
+
+
+@functools.lru_cache(maxsize=2)
+def _preprocessing_state(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    ckpt = read_checkpoint(path)
     for value in ckpt.values():
         if isinstance(value, dict) and "preprocessor" in value:
             return value
-    raise ValueError(f"checkpoint {ckpt_path!r} holds no datamodule preprocessing state")
+    raise ValueError(f"checkpoint {path!r} holds no datamodule preprocessing state")
 
 
 def _column_shape_error(f: Any, t: torch.Tensor) -> str | None:
@@ -384,22 +393,22 @@ class TabularDataModule(L.LightningDataModule):
         self._groups = groups
 
         restored = load_preprocessing_state(preprocessing_from) if preprocessing_from else None
-        seq_cols = list(sequence_features or []) if not isinstance(sequence_features, str) else []
-        self._text_columns = (
-            _text_columns(Preprocessor.from_state_dict(restored["preprocessor"])) if restored is not None else seq_cols
-        )
+        # CSV columns read as text in every file: sequences, and (restored) categories fitted on text
+        self._text_columns = list(sequence_features or []) if not isinstance(sequence_features, str) else []
         if self.streaming:
             self._init_streaming(
                 path, data, val_path, test_path, restored, preprocessing_from, sparse_features, dense_features,
                 sequence_features, ignore_columns, min_freq, dense_scaling, preprocess, max_len, sequence_pad_value,
             )
             return
+        if restored is not None:
+            self.preprocessor = Preprocessor.from_state_dict(restored["preprocessor"])
+            self._text_columns = _text_columns(self.preprocessor)
         frames = self._load_frames(path, data, val_path, test_path)
         self._frames = frames
         self._whole_file_for_predict = restored is not None and (path is not None or data is not None)
 
         if restored is not None:
-            self.preprocessor = Preprocessor.from_state_dict(restored["preprocessor"])
             rank_zero_info(f"Preprocessing restored from {preprocessing_from}")
         else:
             train = frames["train"]

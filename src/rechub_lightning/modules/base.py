@@ -234,18 +234,25 @@ class RecModule(L.LightningModule):
 
     def _refuse_overfit_batches(self) -> None:
         """``Trainer(overfit_batches=N)`` rebuilds training loaders around a row-by-row sampler, which
-        our datamodules' batched loaders cannot use: refuse it here, before Lightning does that."""
+        our batched loaders cannot use (:class:`BatchDataLoader` refuses to iterate then, but
+        Lightning's teardown buries that error): refuse it here, before Lightning does that."""
         trainer = self._trainer
         if trainer is None or not trainer.overfit_batches:
             return
         from ..data.base import TabularDataModule
+        from ..data.datasets import BatchDataLoader
         from ..data.match import MatchDataModule
 
-        if isinstance(trainer.datamodule, (TabularDataModule, MatchDataModule)):
+        # what trainer.fit received: a datamodule, or loaders (e.g. DataGenerator's, from the trainers)
+        source = getattr(getattr(trainer.fit_loop, "_data_source", None), "instance", None)
+        loaders = source if isinstance(source, (list, tuple)) else [source]
+        ours = isinstance(trainer.datamodule, (TabularDataModule, MatchDataModule)) or any(
+            isinstance(dl, BatchDataLoader) for dl in loaders
+        )
+        if ours:
             raise ValueError(
-                f"Trainer(overfit_batches={trainer.overfit_batches!r}) rebuilds the training loader row by row, which "
-                f"{type(trainer.datamodule).__name__}'s batched loaders do not support; use limit_train_batches=N and "
-                f"limit_val_batches=N instead"
+                f"overfit_batches={trainer.overfit_batches!r} rebuilds the training loader row by row, which "
+                "rechub-lightning's batched loaders do not support; use limit_train_batches=N and limit_val_batches=N instead"
             )
 
     def check_train_batches(self, loader: Any) -> None:
