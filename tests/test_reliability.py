@@ -186,3 +186,49 @@ def test_same_seed_same_result_with_or_without_workers(tmp_path):
     assert not diff, f"num_workers=2 differs from num_workers=0 in {diff}"
     assert m0 == m2
     assert "val/auc" in m0
+
+
+def _fit_limited(tmp_path, max_epochs, ckpt_path=None, every=None):
+    from lightning import Callback, Trainer, seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from rechub_lightning import CTRModule
+    from rechub_lightning.data import CTRDataModule
+    from rechub_lightning.models.ranking import DeepFM
+
+    class Seen(Callback):
+        rows: list = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            self.rows.append((trainer.current_epoch, next(iter(x.values()))[:4].tolist()))
+
+    seen = Seen()
+    seen.rows = []
+    callbacks = [seen]
+    if every:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1, filename="{step}"))
+    seed_everything(1)
+    dm = CTRDataModule(synthetic_rows=1280, synthetic_max_vocab=100, batch_size=128, seed=3)  # 8 training batches
+    module = CTRModule(DeepFM(schema=dm.schema, mlp_params={"dims": [8]}))
+    trainer = Trainer(
+        max_epochs=max_epochs, limit_train_batches=6, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=bool(every), callbacks=callbacks,
+        deterministic=True,
+    )
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return trainer.global_step, seen.rows, module.state_dict()
+
+
+@pytest.mark.parametrize("ckpt_step, first_epochs", [(6, 1), (4, 1), (12, 2)])
+def test_resume_with_limit_train_batches_sees_the_uninterrupted_batches(tmp_path, ckpt_step, first_epochs):
+    """limit_train_batches ends each epoch before the loader runs out: a checkpoint written at such
+    an epoch's last batch resumes at the next epoch's first batch (it skipped as many batches into
+    it: 16 steps instead of 18), and one written mid-epoch continues that epoch."""
+    steps, rows, weights = _fit_limited(tmp_path / "full", 3)
+    assert steps == 18
+    _fit_limited(tmp_path / "cut", first_epochs, every=6 if ckpt_step % 6 == 0 else ckpt_step)
+    steps2, rows2, weights2 = _fit_limited(tmp_path / "cut", 3, ckpt_path=tmp_path / "cut" / f"step={ckpt_step}.ckpt")
+    assert steps2 == 18
+    assert rows2 == rows[ckpt_step:]
+    assert all(torch.equal(weights[k], weights2[k]) for k in weights)

@@ -382,10 +382,21 @@ class _ResumableLoader:
 
     _yielded = 0
     _resume_skip = 0
+    _resume_epoch_done: bool | None = None
+    # batches Lightning takes from this loader per epoch (``Trainer.num_training_batches``, which
+    # ``limit_train_batches`` can make shorter than the loader); told by RecModule, else len(self)
+    epoch_batches: float | None = None
+
+    def _epoch_length(self) -> float:
+        n = len(self)  # type: ignore[arg-type]
+        return n if self.epoch_batches is None else min(n, self.epoch_batches)
 
     def _take_resume_skip(self) -> int:
         skip, self._resume_skip = self._resume_skip, 0
-        if skip and skip >= len(self):  # type: ignore[arg-type]
+        done, self._resume_epoch_done = self._resume_epoch_done, None
+        if done is None:  # a checkpoint written before its state said whether the epoch was done
+            done = skip >= len(self)  # type: ignore[arg-type]
+        if skip and done:
             # the checkpoint was written at the epoch's last batch (before its end hooks):
             # Lightning counts that epoch as done and starts the next one from its first batch
             skip = 0
@@ -402,10 +413,16 @@ class _ResumableLoader:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._loader_epoch(), "batches_consumed": self._yielded}
+        return {
+            "epoch": self._loader_epoch(),
+            "batches_consumed": self._yielded,
+            "epoch_done": int(self._yielded >= self._epoch_length()),
+        }
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._resume_skip = int(state_dict.get("batches_consumed", 0))
+        done = state_dict.get("epoch_done")
+        self._resume_epoch_done = None if done is None else bool(done)
         self.set_epoch(int(state_dict.get("epoch", 0)))
 
 

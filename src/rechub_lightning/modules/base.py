@@ -359,6 +359,7 @@ class RecModule(L.LightningModule):
     def on_train_start(self) -> None:
         trainer = self.trainer
         self._check_loaders("train", trainer.train_dataloader)
+        self._tell_loaders_epoch_length()
         if trainer.val_dataloaders is None and trainer.enable_validation:
             # Without a sanity check the validation loaders load at the first validation, after
             # an epoch of training: load them now, as the sanity check would, and check them.
@@ -518,7 +519,21 @@ class RecModule(L.LightningModule):
                 + "; ".join(diff) + " (use the config the checkpoint was trained with, or the same --model... overrides)"
             )
 
+    def _tell_loaders_epoch_length(self) -> None:
+        """Our resumable loaders save whether their epoch was done in checkpoints; with
+        ``limit_train_batches`` Lightning ends an epoch before the loader runs out, so they are
+        told the trainer's batches per epoch (a checkpoint at the limited epoch's last batch then
+        resumes at the next epoch's first batch, not that many batches into it)."""
+        from ..data.datasets import _ResumableLoader
+
+        loader = self.trainer.fit_loop._combined_loader
+        n = self.trainer.num_training_batches
+        for dl in loader.flattened if loader is not None else []:
+            if isinstance(dl, _ResumableLoader):
+                dl.epoch_batches = n
+
     def on_train_epoch_start(self) -> None:
+        self._tell_loaders_epoch_length()  # loaders reloaded for this epoch too
         self._log_learning_rate()
         self._epoch_clock = (time.perf_counter(), 0)
 
