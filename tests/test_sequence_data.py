@@ -132,10 +132,13 @@ def test_pad_sequences_equals_reference(seqs, maxlen, padding, truncating, value
 def test_pad_sequences_float_dtype_and_series():
     ref = _ref("data")
     seqs = pd.Series([[0.5, 1.5], [2.5], [3.5, 4.5, 5.5]])
-    for dtype in ("int32", "float32", "int64"):
-        np.testing.assert_array_equal(
-            pad_sequences(seqs, maxlen=2, dtype=dtype), ref.pad_sequences(seqs, maxlen=2, dtype=dtype)
-        )
+    np.testing.assert_array_equal(pad_sequences(seqs, maxlen=2, dtype="float32"), ref.pad_sequences(seqs, maxlen=2, dtype="float32"))
+    for dtype in ("int32", "int64"):
+        # the reference truncates 0.5 to the id 0 (padding) silently; here that is an error
+        with pytest.raises(ValueError, match=f"non-integer value 0.5; dtype={dtype} would truncate it"):
+            pad_sequences(seqs, maxlen=2, dtype=dtype)
+        whole = seqs.map(lambda s: [v + 0.5 for v in s])
+        np.testing.assert_array_equal(pad_sequences(whole, maxlen=2, dtype=dtype), ref.pad_sequences(whole, maxlen=2, dtype=dtype))
 
 
 # --------------------------------------------------------------------------- generate_seq_feature

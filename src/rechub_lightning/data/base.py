@@ -64,10 +64,32 @@ def read_table(path: str, text_columns: Sequence[str] = (), **kwargs: Any) -> pd
     sep = "\t" if lower.endswith((".tsv", ".tsv.gz", ".txt")) else ","
     if text_columns and "dtype" not in kwargs:
         kwargs["dtype"] = {c: str for c in text_columns}
+    sep = kwargs.pop("sep", sep)
     try:
-        return pd.read_csv(p, sep=kwargs.pop("sep", sep), **kwargs)
+        frame = pd.read_csv(p, sep=sep, **kwargs)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise ValueError(f"data file {p!r} is not a readable {'TSV' if sep == chr(9) else 'CSV'} table: {e}") from e
+    # whole numbers with an empty cell are read as float64, which merges distinct ids from 2**53 on
+    # (64-bit hashed ids): read such columns again as nullable integers, exactly
+    given = kwargs.get("dtype") if isinstance(kwargs.get("dtype"), Mapping) else {}
+    wide = [c for c in frame.columns if c not in given and _wide_whole_floats(frame[c])]
+    if wide:
+        try:
+            exact = pd.read_csv(p, sep=sep, **{**kwargs, "usecols": wide, "dtype": {c: "Int64" for c in wide}})
+        except (ValueError, TypeError, OverflowError):
+            return frame  # e.g. written as 1e+20: no exact digits to recover
+        for c in wide:
+            frame[c] = exact[c]
+    return frame
+
+
+def _wide_whole_floats(s: pd.Series) -> bool:
+    """A float64 column of whole numbers (and missing values) reaching 2**53, where floats lose ids."""
+    if s.dtype != np.float64:
+        return False
+    v = s.to_numpy()
+    finite = v[np.isfinite(v)]
+    return bool(finite.size) and bool(np.abs(finite).max() >= 2.0**53) and bool((finite == np.round(finite)).all())
 
 
 def _text_columns(pre: Preprocessor) -> list[str]:
@@ -78,6 +100,9 @@ def _text_columns(pre: Preprocessor) -> list[str]:
 def as_frame(data: Any, what: str = "data") -> pd.DataFrame:
     """A DataFrame from a frame, a dict of arrays (2-D arrays become list columns) or a path."""
     if isinstance(data, pd.DataFrame):
+        dup = data.columns[data.columns.duplicated()].unique().tolist()
+        if dup:
+            raise ValueError(f"{what} has duplicated column name(s) {dup}; rename or drop the copies")
         return data
     if isinstance(data, (str, os.PathLike)):
         return read_table(str(data))
@@ -343,6 +368,37 @@ def encode_labels(frame: pd.DataFrame, labels: Sequence[str], task_types: Sequen
     return ys[0] if len(ys) == 1 else np.stack(ys, axis=1)
 
 
+def _first_value(s: pd.Series) -> Any:
+    present = s.dropna()
+    return present.iloc[0] if len(present) else None
+
+
+def _holds_lists(s: pd.Series) -> bool:
+    """Whether an object column holds list-like rows (lists, tuples, arrays)."""
+    return s.dtype == object and isinstance(_first_value(s), (list, tuple, np.ndarray))
+
+
+def _warn_unlikely_categories(df: pd.DataFrame, sparse: Sequence[str]) -> None:
+    """Inferred sparse columns that would make useless categories: timestamps, and values that are
+    (nearly) unique per row (request ids), whose every validation/test value is unknown."""
+    n = len(df)
+    for c in sparse:
+        s = df[c]
+        if pd.api.types.is_datetime64_any_dtype(s.dtype):
+            rank_zero_warn(
+                f"column {c!r} holds dates/times and was inferred as a sparse feature (one category per distinct "
+                f"time); derive features from it (hour, weekday...) and pass ignore_columns=[{c!r}], or list the features"
+            )
+        elif n >= 1000 and not _holds_lists(s):
+            distinct = s.nunique(dropna=True)
+            if distinct > 0.5 * n:
+                rank_zero_warn(
+                    f"column {c!r} was inferred as a sparse feature with {distinct} distinct values in {n} training rows: "
+                    f"an id unique per row gives unseen (unknown) categories at validation/prediction; pass "
+                    f"ignore_columns=[{c!r}] unless it is meant as a feature"
+                )
+
+
 class TabularDataModule(L.LightningDataModule):
     """Base of :class:`CTRDataModule` and :class:`MTLDataModule`; see those for the arguments."""
 
@@ -373,6 +429,7 @@ class TabularDataModule(L.LightningDataModule):
         seed: int = 2022,
         preprocessing_from: str | None = None,
         sequence_pad_value: Any = None,
+        sequence_sep: str = "|",
         groups: dict[str, list[str]] | None = None,
         streaming: bool = False,
         shuffle_buffer: int = 4,
@@ -391,6 +448,9 @@ class TabularDataModule(L.LightningDataModule):
         self.streaming = bool(streaming)
         self.shuffle_buffer = int(shuffle_buffer)
         self._groups = groups
+        self._sequence_sep = str(sequence_sep)
+        if not self._sequence_sep:
+            raise ValueError("sequence_sep must be a non-empty string, got ''")
 
         restored = load_preprocessing_state(preprocessing_from) if preprocessing_from else None
         # CSV columns read as text in every file: sequences, and (restored) categories fitted on text
@@ -417,15 +477,17 @@ class TabularDataModule(L.LightningDataModule):
             sparse, dense, seq = self._infer_columns(train, sparse_features, dense_features, sequence_features, ignore_columns)
             self.preprocessor = Preprocessor(
                 sparse, dense, seq, min_freq=min_freq, dense_scaling=dense_scaling, encode=preprocess, max_len=max_len,
-                sequence_pad_value=sequence_pad_value,
+                sequence_pad_value=sequence_pad_value, sequence_sep=self._sequence_sep,
             ).fit(train)
             for name in ("val", "test", "all"):
                 if frames.get(name) is not None:
                     self.preprocessor.check_dtypes(frames[name], f"{name} data")
-        for name in ("train", "val", "test"):
+        # NaN / non-binary labels fail here, before any step; rows restored for prediction
+        # (``preprocessing_from`` + ``path``) need no labels (fitting still checks them, in setup)
+        for name in () if self._whole_file_for_predict else ("train", "val", "test"):
             frame = frames.get(name)
             if frame is not None and len(frame) and all(c in frame.columns for c in self.labels):
-                self._labels(frame, name)  # NaN / non-binary labels fail here, before any step
+                self._labels(frame, name)
         self.schema: FeatureSchema = self.preprocessor.schema(self.labels, embed_dim, groups)
 
     # ------------------------------------------------------------------ streaming (out-of-core Parquet)
@@ -476,7 +538,7 @@ class TabularDataModule(L.LightningDataModule):
             sparse, dense, seq = self._infer_columns(probe, sparse_features, dense_features, sequence_features, ignore_columns)
             self.preprocessor = Preprocessor(
                 sparse, dense, seq, min_freq=min_freq, dense_scaling=dense_scaling, encode=preprocess, max_len=max_len,
-                sequence_pad_value=sequence_pad_value,
+                sequence_pad_value=sequence_pad_value, sequence_sep=self._sequence_sep,
             )
             check_parquet_schema(train, self.preprocessor, [], "training", need_labels=False)
             self._check_label_columns(train, "training")
@@ -550,7 +612,8 @@ class TabularDataModule(L.LightningDataModule):
         src = self._stream_source(split)
         if src is None or src.num_rows == 0:
             return None
-        has_labels = all(c in src.columns for c in self._label_source_columns())
+        # prediction reads no labels (a label column, complete or not, is left alone)
+        has_labels = split != "predict" and all(c in src.columns for c in self._label_source_columns())
         if not has_labels and split != "predict":
             raise KeyError(f"label column(s) {self.labels} not found in the {split} Parquet data {src.files}")
         check_parquet_schema(src, self.preprocessor, [], split, need_labels=False)
@@ -604,6 +667,14 @@ class TabularDataModule(L.LightningDataModule):
             "all": whole,
         }
 
+    def _label_columns_taken(self) -> set[str]:
+        """Columns that are never features: the labels (and, in subclasses, what labels derive from)."""
+        return set(self.labels)
+
+    def _inferred_dense(self, df: pd.DataFrame, col: str) -> bool:
+        """Column inference: is this (non-label) column dense? Numeric columns are, others sparse."""
+        return pd.api.types.is_numeric_dtype(df[col].dtype) and not pd.api.types.is_bool_dtype(df[col].dtype)
+
     def _infer_columns(
         self,
         df: pd.DataFrame,
@@ -619,6 +690,9 @@ class TabularDataModule(L.LightningDataModule):
                            ("ignore_columns", ignore)):
             if isinstance(value, str):
                 raise TypeError(f"{arg} must be a list of column names, got the string {value!r} (write [{value!r}])")
+        unknown = [c for c in ignore if c not in df.columns]
+        if unknown:
+            raise KeyError(f"ignore_columns names column(s) {unknown} that the data does not have; available columns: {list(df.columns)}")
         for arg, value in (("sparse_features", sparse), ("dense_features", dense), ("sequence_features", sequence)):
             leaked = [c for c in (value or ()) if c in self.labels]
             if leaked:
@@ -627,12 +701,11 @@ class TabularDataModule(L.LightningDataModule):
                     f"remove them from {arg} (labels={self.labels})"
                 )
         seq = sequence or {}
-        taken = set(self.labels) | set(ignore) | set(seq)
+        taken = self._label_columns_taken() | set(ignore) | set(seq)
         if sparse is None and dense is None:
             rest = [c for c in df.columns if c not in taken]
-            is_num = lambda c: pd.api.types.is_numeric_dtype(df[c].dtype) and not pd.api.types.is_bool_dtype(df[c].dtype)  # noqa: E731
-            dense = [c for c in rest if is_num(c)]
-            sparse = [c for c in rest if not is_num(c)]
+            dense = [c for c in rest if self._inferred_dense(df, c)]
+            sparse = [c for c in rest if c not in dense]
             rank_zero_info(f"Inferred {len(dense)} dense feature(s) {dense} and {len(sparse)} sparse feature(s) {sparse}")
             index_like = [c for c in rest if re.fullmatch(r"Unnamed: \d+", str(c))]
             if index_like:
@@ -640,11 +713,18 @@ class TabularDataModule(L.LightningDataModule):
                     f"column(s) {index_like} look like a DataFrame index saved with the CSV and are used as features; "
                     f"pass ignore_columns={index_like} (or save with index=False) unless they are data"
                 )
+            _warn_unlikely_categories(df, sparse)
         else:
             used = taken | set(sparse or []) | set(dense or [])
             unused = [c for c in df.columns if c not in used]
             if unused:  # the columns a user did not list are left out: say which
                 rank_zero_info(f"Columns not used as features (not in sparse_features/dense_features/sequence_features): {unused}")
+        for c in [*(sparse or []), *(dense or [])]:
+            if c in df.columns and _holds_lists(df[c]):
+                raise TypeError(
+                    f"column {c!r} holds a list per row ({_first_value(df[c])!r}); a list-valued column is a sequence "
+                    f"feature: name it in sequence_features (or in ignore_columns)"
+                )
         return list(sparse or []), list(dense or []), seq
 
     # ------------------------------------------------------------------ encoding
@@ -665,9 +745,11 @@ class TabularDataModule(L.LightningDataModule):
         if frame is None or len(frame) == 0:
             return None
         x = self.preprocessor.transform(frame)
-        has_labels = all(c in frame.columns for c in self.labels)
-        y = self._labels(frame, split) if has_labels else None
-        if y is None and split != "predict":
+        if split == "predict":
+            y = None  # prediction reads no labels: a label column, complete or not, is left alone
+        elif all(c in frame.columns for c in self.labels):
+            y = self._labels(frame, split)
+        else:
             raise KeyError(f"label column(s) {self.labels} not found in the {split} data")
         ds = TensorDictDataset(x, y)
         validate_batch_tensors(ds.x, self.schema, split)

@@ -47,6 +47,11 @@ class CTRDataModule(TabularDataModule):
         dense_scaling: ``standard``, ``minmax``, ``log`` (signed log1p then standard) or ``none``.
         preprocess: encode categories (``False``: columns already hold ids).
         max_len: padded length of sequence features.
+        sequence_sep: separator of histories stored as text (``"3|17|5"``); written lists
+            (``"[3, 17, 5]"``, as ``DataFrame.to_csv`` writes a list column) are parsed too.
+        sequence_pad_value: a value that pads the list-valued histories of the input (e.g. 0 in
+            :func:`~rechub_lightning.data.generate_seq_feature`'s output); it is dropped, not
+            encoded as an item. Histories keep their most recent ``max_len`` items, padded at the end.
         split_ratio: ``(train, val)`` fractions of ``path``/``data``; the rest is test. With
             ``test_path`` alone, ``path`` is split into train and val in this proportion.
         batch_size: training batch size.
@@ -105,6 +110,8 @@ class CTRDataModule(TabularDataModule):
         preprocessing_from: str | None = None,
         streaming: bool = False,
         shuffle_buffer: int = 4,
+        sequence_sep: str = "|",
+        sequence_pad_value: Any = None,
     ) -> None:
         if synthetic not in _SYNTHETIC:
             raise ValueError(f"synthetic={synthetic!r} is not one of {_SYNTHETIC}")
@@ -134,7 +141,8 @@ class CTRDataModule(TabularDataModule):
             ignore_columns=ignore_columns, embed_dim=embed_dim, min_freq=min_freq, dense_scaling=dense_scaling,
             preprocess=preprocess, max_len=max_len, split_ratio=split_ratio, batch_size=batch_size,
             eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed, preprocessing_from=preprocessing_from,
-            sequence_pad_value=pad_value, groups=groups, streaming=streaming, shuffle_buffer=shuffle_buffer,
+            sequence_pad_value=pad_value if sequence_pad_value is None else sequence_pad_value, sequence_sep=sequence_sep,
+            groups=groups, streaming=streaming, shuffle_buffer=shuffle_buffer,
         )
 
     def default_frame(self) -> pd.DataFrame | dict[str, pd.DataFrame]:

@@ -94,7 +94,8 @@ def to_tensor(values: Any, name: str = "?") -> torch.Tensor:
             except (TypeError, ValueError) as e:
                 raise TypeError(f"column {name!r} holds non-numeric values (e.g. {arr.flat[0]!r}); encode it first") from e
         if arr.dtype.kind in "US":
-            raise TypeError(f"column {name!r} holds strings (e.g. {arr.flat[0]!r}); encode it as ids first")
+            as_what = "numbers (0/1 for a classification label)" if name == "label" else "ids"
+            raise TypeError(f"column {name!r} holds strings (e.g. {arr.flat[0]!r}); encode it as {as_what} first")
         if arr.dtype == np.float64 and arr.size and _whole(arr):
             arr = arr.astype(np.int64)
         arr = np.ascontiguousarray(arr)

@@ -40,7 +40,7 @@ from ..features import DenseFeature, Feature, FeatureSchema, SequenceFeature, Sp
 from .base import as_frame, load_preprocessing_state, read_table, validate_batch_tensors
 from .datasets import TensorDictDataset, check_int, make_dataloader
 from .preprocessing import CategoryEncoder
-from .sequence import _redraw_collisions, gen_model_input, generate_seq_feature_match
+from .sequence import _redraw_collisions, check_time_column, gen_model_input, generate_seq_feature_match
 from .synthetic_seq import make_movielens_like
 
 __all__ = ["MatchDataModule", "SeenItemsDataset", "SEEN_ITEMS_KEY"]
@@ -234,8 +234,7 @@ class MatchDataModule(L.LightningDataModule):
         missing = [c for c in dict.fromkeys(needed) if c not in frame.columns]
         if missing:
             raise KeyError(f"column(s) {missing} not found in the interactions; columns are {list(frame.columns)}")
-        if frame[time_col].isna().any():
-            raise ValueError(f"time column {time_col!r} has {int(frame[time_col].isna().sum())} missing value(s)")
+        check_time_column(frame[time_col], time_col)
         if frame[item_col].isna().any():
             # A missing item would become a pseudo-item of the corpus, trained on and recommended.
             raise ValueError(f"item column {item_col!r} has {int(frame[item_col].isna().sum())} missing value(s)")

@@ -71,6 +71,11 @@ class MTLDataModule(TabularDataModule):
         dense_scaling: ``standard``, ``minmax``, ``log`` or ``none``.
         preprocess: encode categories (``False``: columns already hold ids).
         max_len: padded length of sequence features.
+        sequence_sep: separator of histories stored as text (``"3|17|5"``); written lists
+            (``"[3, 17, 5]"``, as ``DataFrame.to_csv`` writes a list column) are parsed too.
+        sequence_pad_value: a value that pads the list-valued histories of the input (e.g. 0 in
+            :func:`~rechub_lightning.data.generate_seq_feature`'s output); it is dropped, not
+            encoded as an item. Histories keep their most recent ``max_len`` items, padded at the end.
         split_ratio: ``(train, val)`` fractions of ``path``/``data``; the rest is test. With
             ``test_path`` alone, ``path`` is split into train and val in this proportion.
         batch_size: training batch size.
@@ -127,6 +132,8 @@ class MTLDataModule(TabularDataModule):
         preprocessing_from: str | None = None,
         streaming: bool = False,
         shuffle_buffer: int = 4,
+        sequence_sep: str = "|",
+        sequence_pad_value: Any = None,
     ) -> None:
         synthetic = path is None and data is None
         self._synthetic = (int(synthetic_rows), bool(synthetic_regression))
@@ -159,7 +166,8 @@ class MTLDataModule(TabularDataModule):
             ignore_columns=ignore_columns, embed_dim=embed_dim, min_freq=min_freq, dense_scaling=dense_scaling,
             preprocess=preprocess, max_len=max_len, split_ratio=split_ratio, batch_size=batch_size,
             eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed, preprocessing_from=preprocessing_from,
-            streaming=streaming, shuffle_buffer=shuffle_buffer,
+            streaming=streaming, shuffle_buffer=shuffle_buffer, sequence_sep=sequence_sep,
+            sequence_pad_value=sequence_pad_value,
         )
 
     # ------------------------------------------------------------------ sources
@@ -189,28 +197,19 @@ class MTLDataModule(TabularDataModule):
             self.task_types = self._infer_task_types(frames.get("train"))
         return frames
 
-    def _infer_columns(
-        self,
-        df: pd.DataFrame,
-        sparse: Sequence[str] | None,
-        dense: Sequence[str] | None,
-        sequence: Mapping[str, str | None] | Sequence[str] | None,
-        ignore: Sequence[str],
-    ) -> tuple[list[str], list[str], Any]:
-        missing = [c for c in self.labels if c not in df.columns]
-        if missing:
-            raise KeyError(f"label column(s) {missing} not found; available columns: {list(df.columns)}")
-        seq = sequence or {}
-        if sparse is None and dense is None:
-            taken = self._label_sources | set(ignore) | set(seq)
-            rest = [c for c in df.columns if c not in taken]
-            is_float = lambda c: pd.api.types.is_float_dtype(df[c].dtype)  # noqa: E731
-            dense = [c for c in rest if is_float(c)]
-            sparse = [c for c in rest if not is_float(c)]
-        leaked = [c for c in [*(sparse or []), *(dense or [])] if c in self.labels]
-        if leaked:
-            raise ValueError(f"label column(s) {leaked} are also listed as features")
-        return list(sparse or []), list(dense or []), seq
+    def _label_columns_taken(self) -> set[str]:
+        return set(self._label_sources)  # the labels and the columns derived labels come from
+
+    def _inferred_dense(self, df: pd.DataFrame, col: str) -> bool:
+        """Float columns are dense; integer, boolean and text columns are category codes. An integer
+        code column with a missing value (in any split) reads as floats: whole numbers with NaN stay sparse."""
+        if not pd.api.types.is_float_dtype(df[col].dtype):
+            return False
+        whole = getattr(self, "_frames", {}).get("all")
+        s = whole[col] if whole is not None and col in whole.columns and len(whole) >= len(df) else df[col]
+        v = s.to_numpy(dtype=np.float64, na_value=np.nan)
+        finite = v[np.isfinite(v)]
+        return not (bool(np.isnan(v).any()) and finite.size > 0 and bool((finite == np.round(finite)).all()))
 
     def _infer_task_types(self, train: pd.DataFrame | None) -> list[str]:
         """A label whose training values are all 0/1 is classification, any other regression."""

@@ -8,7 +8,9 @@ the data (NaN, empty string) gets its own id when the training data had any.
 
 from __future__ import annotations
 
+import ast
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -53,7 +55,13 @@ def _canonical(s: pd.Series, numeric: bool) -> tuple[np.ndarray, np.ndarray]:
         v = s.to_numpy(dtype=np.float64, na_value=np.nan)
         out = np.where(np.isfinite(v) & (v == np.round(v)), pd.Series(v).map(lambda z: "%d" % z if np.isfinite(z) else "").to_numpy(), v.astype(str))
         return out.astype(object), miss
-    return s.astype("string").fillna("").to_numpy(dtype=object), miss
+    out = s.astype("string").fillna("").to_numpy(dtype=object)
+    if s.dtype == object:
+        # a mixed column's whole floats render as the numeric branch renders them: 1.0 -> "1", not "1.0"
+        raw = s.to_numpy()
+        for i in np.flatnonzero([isinstance(v, (float, np.floating)) and math.isfinite(v) and float(v).is_integer() for v in raw]):
+            out[i] = "%d" % raw[i]
+    return out, miss
 
 
 class CategoryEncoder:
@@ -204,8 +212,12 @@ class _ExactMoments:
             return 0.0, 1.0, 0.0, 1.0
         n = self.n
         mean = self.s / (n << self._SHIFT)  # int / int: correctly rounded
-        var = (self.q * n - self.s * self.s) / (n * n << (2 * self._SHIFT))
-        return float(mean), math.sqrt(max(var, 0.0)), self.lo, self.hi
+        num, den = self.q * n - self.s * self.s, n * n << (2 * self._SHIFT)
+        try:
+            std = math.sqrt(max(num / den, 0.0))
+        except OverflowError:  # values near the float64 limit: the variance is not a float, its root is
+            std = math.exp((math.log(num) - math.log(den)) / 2)
+        return float(mean), std, self.lo, self.hi
 
 
 class DenseScaler:
@@ -246,13 +258,19 @@ class DenseScaler:
         self._moments = None
         return self
 
-    def transform(self, v: np.ndarray) -> np.ndarray:
+    def transform(self, v: np.ndarray, name: str = "") -> np.ndarray:
         v = self._pre(np.asarray(v, dtype=np.float64))
         v = np.where(np.isnan(v), self.stats["mean"], v)
         if self.scaling in ("standard", "log"):
             v = (v - self.stats["mean"]) / self.stats["std"]
         elif self.scaling == "minmax":
             v = (v - self.stats["min"]) / (self.stats["max"] - self.stats["min"])
+        too_big = np.abs(v) > np.finfo(np.float32).max
+        if too_big.any():
+            raise ValueError(
+                f"dense feature {name!r} has {int(too_big.sum())} value(s) beyond the float32 range after "
+                f"dense_scaling={self.scaling!r} (e.g. {float(v[too_big][0]):.3g}); scale it ('standard' or 'log')"
+            )
         return v.astype(np.float32)
 
     def state_dict(self) -> dict[str, Any]:
@@ -306,11 +324,41 @@ def _as_id_column(df: pd.DataFrame, col: str) -> np.ndarray:
     return v.astype(np.int64)
 
 
+# ids joined by another separator: numbers joined by commas, semicolons or spaces, or tokens joined by commas
+_JOINED = re.compile(r"^-?\d+(?:\s*[,;]\s*|\s+)-?\d+(?:(?:\s*[,;]\s*|\s+)-?\d+)*$|^[^\s,]+(?:,[^\s,]+)+$")
+
+
+def _list_repr(text: str, name: Any) -> list[Any]:
+    """``"[3, 17, 5]"`` (a list column written to CSV by pandas) -> ``[3, 17, 5]``."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = None
+    if not isinstance(value, (list, tuple)) or any(isinstance(t, (list, tuple, dict)) for t in value):
+        raise ValueError(
+            f"sequence feature {name!r} has a row {text[:80]!r} that looks like a written list but does not parse as "
+            f"one (e.g. [3, 17, 5] or ['a', 'b'])"
+        )
+    return list(value)
+
+
 def _split_sequence(values: pd.Series, sep: str, pad: Any = None) -> list[list[Any]]:
+    """One list of items per row: lists/arrays as they are, strings split on ``sep`` (or parsed when
+    they are written lists, ``"[3, 17, 5]"``), missing values empty, scalars one item."""
     out = []
+    unsplit: str | None = None  # a multi-token-looking string without the separator
+    any_sep = False
     for v in values.tolist():
         if isinstance(v, str):
-            seq = [t for t in v.split(sep) if t != ""]
+            text = v.strip()
+            if len(text) >= 2 and text[0] == "[" and text[-1] == "]" and sep not in text:
+                seq = _list_repr(text, values.name)
+            else:
+                if sep in text:
+                    any_sep = True
+                elif unsplit is None and _JOINED.match(text):
+                    unsplit = text
+                seq = [t for t in v.split(sep) if t != ""]
         elif v is None or (isinstance(v, float) and np.isnan(v)):
             seq = []
         elif np.ndim(v) == 1:
@@ -327,6 +375,12 @@ def _split_sequence(values: pd.Series, sep: str, pad: Any = None) -> list[list[A
         if pad is not None:
             seq = [t for t in seq if t != pad]
         out.append(seq)
+    if unsplit is not None and not any_sep:
+        raise ValueError(
+            f"sequence feature {values.name!r} holds strings such as {unsplit[:80]!r} and none is joined by the sequence "
+            f"separator {sep!r}: each would be one item; pass sequence_sep with the separator the data uses (e.g. ',') "
+            f"or join the ids with {sep!r}"
+        )
     return out
 
 
@@ -428,10 +482,19 @@ class Preprocessor:
                 # A vocabulary shared with sequences (target item / item history) covers both.
                 values = df[col]
                 self.encoders[col].partial_fit(values)
-                sharing = [c for c, owner in self.sequence.items() if owner == col]
-                flat = [t for c in sharing for seq in self._seqs(df[c]) for t in seq]
-                if flat:
-                    self.encoders[col].partial_fit(pd.Series(flat, dtype=values.dtype))
+                for c in [c for c, owner in self.sequence.items() if owner == col]:
+                    flat = [t for seq in self._seqs(df[c]) for t in seq]
+                    if not flat:
+                        continue
+                    try:
+                        items = pd.Series(flat, dtype=values.dtype)
+                    except (TypeError, ValueError) as e:
+                        raise ValueError(
+                            f"sequence feature {c!r} shares the vocabulary of {col!r} ({values.dtype} values) but holds "
+                            f"items such as {flat[0]!r} that are not {values.dtype}: {e}"
+                        ) from None
+                    self.encoders[col].partial_fit(items)
+                    self._count_padding_zeros(c, items, values)
             for col, shared in self.sequence.items():
                 if shared is None:
                     flat = [t for seq in self._seqs(df[col]) for t in seq]
@@ -450,11 +513,33 @@ class Preprocessor:
                     mx[col] = max(mx.get(col, 0.0), float(max(flat, default=0)))
         return self
 
+    def _count_padding_zeros(self, seq_col: str, items: pd.Series, target: pd.Series) -> None:
+        """Count history items equal to 0 and whether the target column ever is 0 (see finish_fit)."""
+        if self.sequence_pad_value is not None or not _is_numeric(items):
+            return
+        zeros = self._partial.setdefault("zeros", {})  # type: ignore[union-attr]
+        n_zero, n_items, target_zero = zeros.get(seq_col, (0, 0, False))
+        zeros[seq_col] = (
+            n_zero + int((items == 0).sum()), n_items + len(items), target_zero or bool((target == 0).any()),
+        )
+
+    def _warn_padding_zeros(self) -> None:
+        for col, (n_zero, n_items, target_zero) in (self._partial or {}).get("zeros", {}).items():
+            if n_zero and not target_zero:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(
+                    f"sequence feature {col!r} holds the item 0 ({n_zero} of {n_items} items) that {self.sequence[col]!r} "
+                    f"never takes: it is encoded as an item; if 0 pads the histories (as in generate_seq_feature's "
+                    f"output), pass sequence_pad_value=0"
+                )
+
     def finish_fit(self) -> Preprocessor:
         """Turn the accumulated statistics into the fitted state."""
         partial = getattr(self, "_partial", None)
         if partial is None:
             raise RuntimeError("Preprocessor.finish_fit called before partial_fit")
+        self._warn_padding_zeros()
         for scaler in self.scalers.values():
             scaler.finish_fit()
         empty = [col for col, scaler in self.scalers.items() if scaler.n_fitted == 0]
@@ -501,7 +586,7 @@ class Preprocessor:
                     f"dense feature {col!r} has {int(np.isnan(values).sum())} NaN value(s) and preprocessing is off "
                     f"(preprocess=False); fill them or turn preprocessing on (NaN -> training mean)"
                 )
-            out[col] = self.scalers[col].transform(values)
+            out[col] = self.scalers[col].transform(values, col)
         for col in self.sparse:
             if self.encode:
                 out[col] = self.encoders[col].transform(df[col])

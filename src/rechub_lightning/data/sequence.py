@@ -121,6 +121,32 @@ def _require_columns(data: pd.DataFrame, cols: Iterable[str]) -> None:
         raise ValueError(f"data has no column(s) {missing}; columns are {list(data.columns)}")
 
 
+def check_time_column(s: pd.Series, name: str) -> None:
+    """A time column must sort as times: no missing values, and not a mix of numbers and text
+    (a text ``"50"`` would sort after the number 100, reordering a user's events)."""
+    if s.isna().any():
+        raise ValueError(f"time column {name!r} has {int(s.isna().sum())} missing value(s)")
+    if s.dtype == object and len(s):
+        kinds = {"number" if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+                 else "text" if isinstance(v, str) else type(v).__name__ for v in s.tolist()}
+        if len(kinds) > 1:
+            examples = {k: next(v for v in s.tolist() if ("number" if isinstance(v, (int, float, np.number)) and not
+                        isinstance(v, bool) else "text" if isinstance(v, str) else type(v).__name__) == k) for k in kinds}
+            raise TypeError(
+                f"time column {name!r} mixes {sorted(kinds)} values (e.g. {examples}), which do not sort as times; "
+                f"convert it to one type (e.g. pd.to_numeric or pd.to_datetime)"
+            )
+
+
+def _check_events(data: pd.DataFrame, item_col: str, time_col: str) -> None:
+    """Refuse interactions whose item is missing (it would become a pseudo-item, trained on and
+    sampled as a negative) or whose times do not sort."""
+    check_time_column(data[time_col], time_col)
+    n_missing = int(data[item_col].isna().sum())
+    if n_missing:
+        raise ValueError(f"item column {item_col!r} has {n_missing} missing value(s); drop those rows or fill them")
+
+
 def _codes(s: pd.Series) -> np.ndarray:
     """1-based ids in sorted value order (= sklearn ``LabelEncoder`` + 1, as the reference)."""
     return pd.factorize(s, sort=True, use_na_sentinel=False)[0].astype(np.int64) + 1
@@ -301,6 +327,37 @@ def _draw_history_negatives(
 # --------------------------------------------------------------------------- padding
 
 
+def _checked_cast(values: np.ndarray, dtype: Any, what: str = "sequences") -> np.ndarray:
+    """``values`` as ``dtype``; an integer ``dtype`` refuses values it would change (wrapped ids
+    from 2**31 on under int32, truncated fractions) instead of casting them silently."""
+    target = np.dtype(dtype)
+    if target.kind not in "iu" or values.dtype == target or values.size == 0:
+        return values.astype(target, copy=False)
+    if values.dtype.kind in "iub":
+        info = np.iinfo(target)
+        bad = (values < info.min) | (values > info.max)
+        if bad.any():
+            raise ValueError(
+                f"{what} hold id {values[bad][0].item()!r} outside the range of dtype={target.name} "
+                f"[{info.min}, {info.max}]; pass dtype='int64'"
+            )
+        return values.astype(target)
+    if values.dtype.kind == "f":
+        v = values
+        bad = ~np.isfinite(v) | (v != np.floor(v))
+        if bad.any():
+            raise ValueError(f"{what} hold non-integer value {v[bad][0].item()!r}; dtype={target.name} would truncate it")
+        info = np.iinfo(target)
+        out = (v < info.min) | (v > info.max)
+        if out.any():
+            raise ValueError(f"{what} hold id {v[out][0].item()!r} outside the range of dtype={target.name}; pass dtype='int64'")
+        return v.astype(target)
+    inferred = np.asarray(values.tolist())  # an object array: its values' own type (ints, floats)
+    if inferred.dtype.kind in "iuf":
+        return _checked_cast(inferred, target, what)
+    raise ValueError(f"{what} hold values that are not integer ids (e.g. {values.reshape(-1)[0]!r}) for dtype={target.name}")
+
+
 def pad_sequences(
     sequences: Iterable[Sequence[Any]] | np.ndarray,
     maxlen: int | None = None,
@@ -343,6 +400,7 @@ def pad_sequences(
         arr = np.full((n, maxlen), value, dtype=dtype)
         if keep:
             src = sequences[:, width - keep:] if truncating == "pre" else sequences[:, :keep]
+            src = _checked_cast(src, arr.dtype)
             if padding == "pre":
                 arr[:, maxlen - keep:] = src
             else:
@@ -372,9 +430,10 @@ def pad_sequences(
     if total == 0:
         return arr
     if all(isinstance(x, np.ndarray) for x in seqs):
-        flat = np.concatenate([x.reshape(-1) for x in seqs]).astype(dtype, copy=False)
+        flat = np.concatenate([x.reshape(-1) for x in seqs])
     else:
-        flat = np.asarray(list(chain.from_iterable(seqs)), dtype=dtype)
+        flat = np.asarray(list(chain.from_iterable(seqs)))
+    flat = _checked_cast(flat, arr.dtype) if flat.dtype.kind in "iufbO" else flat.astype(arr.dtype, copy=False)
     if flat.shape != (total,):
         raise ValueError("sequences must be flat sequences of scalars")
     rows = np.repeat(np.arange(n), kept)
@@ -604,6 +663,7 @@ def generate_seq_feature(
     """
     attrs = list(item_attribute_cols or [])
     _require_columns(data, [user_col, item_col, time_col, *attrs])
+    _check_events(data, item_col, time_col)
     max_len = _check_max_len(max_len)
     rng = _py_rng(seed)
     ev = _user_events(data, user_col, item_col, time_col, attrs, int(min_item), rng)
@@ -678,6 +738,7 @@ def create_seq_features(
     """
     feats = [seq_feature_col] if isinstance(seq_feature_col, str) else list(seq_feature_col)
     _require_columns(data, dict.fromkeys([*_CSF_COLUMNS, *feats]))
+    _check_events(data, "item_id", "time")
     max_len = _check_max_len(max_len)
     if int(drop_short) < 0:
         raise ValueError(f"drop_short must be >= 0, got drop_short={drop_short}")
@@ -914,6 +975,7 @@ def generate_seq_feature_match(
     if neg_ratio < 0:
         raise ValueError(f"neg_ratio must be >= 0, got neg_ratio={neg_ratio}")
     _require_columns(data, [user_col, item_col, time_col, *attrs])
+    _check_events(data, item_col, time_col)
     py_rng = _py_rng(seed)
     rs = _np_rng(seed)
 
@@ -1052,8 +1114,8 @@ def gen_model_input(
     for col in df.columns:
         if isinstance(col, str) and (col.startswith("hist_") or col.startswith("tag_")):
             out[col] = pad_sequences(
-                df[col], maxlen=seq_max_len, value=0, padding=padding, truncating=truncating
-            ).astype(np.int64)
+                df[col], maxlen=seq_max_len, dtype="int64", value=0, padding=padding, truncating=truncating
+            )
         else:
             out[col] = _column_to_array(df[col])
     return out
