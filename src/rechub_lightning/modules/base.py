@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import atexit
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from ..losses import RegularizationLoss
-from ..models.base import build_model, model_spec, returns_logits
+from ..models.base import build_model, model_spec, returns_logits, unwrap_model
 from .optim import HybridOptimizer, callable_path, resolve_callable, split_embedding_parameters
 
 _CLEANUP_REGISTERED = False
@@ -93,6 +95,25 @@ def clip_sparse_aware_(params: list[nn.Parameter], clip_val: float, algorithm: s
     return total
 
 
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``torch.compile`` wrapper (``OptimizedModule``)."""
+    return isinstance(getattr(model, "_orig_mod", None), nn.Module)
+
+
+_COMPILED_PREFIX = "model._orig_mod."
+
+
+def _strip_compile_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + _COMPILED_PREFIX)]:
+        state_dict[prefix + "model." + key[len(prefix + _COMPILED_PREFIX):]] = state_dict.pop(key)
+
+
+def _add_compile_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    plain = prefix + "model."
+    for key in [k for k in state_dict if k.startswith(plain) and not k.startswith(prefix + _COMPILED_PREFIX)]:
+        state_dict[prefix + _COMPILED_PREFIX + key[len(plain):]] = state_dict.pop(key)
+
 class RecModule(L.LightningModule):
     """Base LightningModule of rechub-lightning.
 
@@ -150,6 +171,17 @@ class RecModule(L.LightningModule):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
+        self._compiled = _is_compiled(model)
+        if self._compiled:
+            if sparse_embeddings:
+                raise ValueError(
+                    "sparse_embeddings=True with a torch.compile'd model: torch.compile does not support sparse "
+                    "embedding gradients; use sparse_embeddings=False (or leave it unset)"
+                )
+            # checkpoints hold the model's own keys ("model.x", not "model._orig_mod.x"): they load
+            # into the plain model (load_from_checkpoint, rechub export/predict) and into a compiled one
+            self.register_state_dict_post_hook(_strip_compile_prefix)
+            self.register_load_state_dict_pre_hook(_add_compile_prefix)
         self.optimizer_fn = resolve_callable(optimizer_fn, "optimizer_fn") or torch.optim.Adam
         self.optimizer_params = {"lr": 1e-3, "weight_decay": 1e-5} if optimizer_params is None else dict(optimizer_params)
         reg = dict(regularization_params or {})
@@ -212,6 +244,10 @@ class RecModule(L.LightningModule):
         # vocabulary tables from embeddings it reads as ``.weight`` (NARM, STAMP, SINE, positions),
         # which SparseAdam cannot update: it keeps the reference's dense semantics unless asked.
         sparse = not self._emb_reg and any(isinstance(m, EmbeddingLayer) for m in self.model.modules())
+        if sparse and self._compiled:
+            # torch.compile's backends fail on sparse embedding gradients (the first backward raises)
+            rank_zero_info(f"{type(self).__name__}: the model is compiled (torch.compile): dense embedding gradients")
+            sparse = False
         trainer = self._trainer
         device = trainer.strategy.root_device if trainer is not None else next(self.parameters()).device
         if device.type != "cpu":
@@ -366,6 +402,11 @@ class RecModule(L.LightningModule):
             trainer.fit_loop.epoch_loop.val_loop.setup_data()
         self._check_loaders("val", trainer.val_dataloaders)
 
+    def on_validation_end(self) -> None:
+        trainer = self.trainer
+        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
+            self._validations_done = getattr(self, "_validations_done", 0) + 1
+
     def on_validation_start(self) -> None:
         self._check_loaders("val", self.trainer.val_dataloaders)
 
@@ -393,7 +434,7 @@ class RecModule(L.LightningModule):
         for key, value in callables.items():
             if key in hp:
                 hp[key] = callable_path(value)
-        spec = model_spec(self.model)
+        spec = model_spec(unwrap_model(self.model))  # a compiled model is described by the model it compiles
         if spec is not None:
             hp["model"] = spec
         else:
@@ -437,19 +478,54 @@ class RecModule(L.LightningModule):
             # ReduceLROnPlateau defaults to mode="min": watching an AUC it would cut the rate as the AUC rises
             params["mode"] = self.metric_mode(self.scheduler_monitor or self.monitor)
         scheduler = self.scheduler_fn(optimizer, **params)
-        frequency = 1
+        frequency, interval, strict = 1, self.scheduler_interval, True
         every = getattr(self._trainer, "check_val_every_n_epoch", 1)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and self.scheduler_interval == "epoch" and every:
-            # the plateau reads a validation metric: step it after the epochs that validate
-            # (check_val_every_n_epoch=2: every other epoch), never on a missing or stale value
-            frequency = int(every)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and self.scheduler_interval == "epoch":
+            # the plateau reads a validation metric: step it after the validations, never on a
+            # missing or stale value
+            if every:
+                frequency = int(every)  # check_val_every_n_epoch=2: after every other epoch
+            else:
+                # check_val_every_n_epoch=None: validation every val_check_interval batches, across
+                # epochs; Lightning offers the plateau a step after every batch and lr_scheduler_step
+                # takes the ones that follow a validation (none before the first: not strict)
+                interval, strict = "step", False
+                warnings.filterwarnings(
+                    "ignore", message=r"ReduceLROnPlateau conditioned on metric .* strict is set to `False`", category=RuntimeWarning
+                )
         return {
             "scheduler": scheduler,
-            "interval": self.scheduler_interval,
+            "interval": interval,
             "frequency": frequency,
             "monitor": self.scheduler_monitor or self.monitor,
-            "strict": True,
+            "strict": strict,
         }
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            done = getattr(self, "_validations_done", 0)
+            if done == getattr(self, "_plateau_stepped_after", 0) and not getattr(self._trainer, "check_val_every_n_epoch", 1):
+                return  # no validation since the last step: the metric is stale
+            self._plateau_stepped_after = done
+            scheduler.step(metric)
+        elif metric is None:
+            scheduler.step()
+        else:
+            scheduler.step(metric)
+
+    @property
+    def lr(self) -> float:
+        """The dense optimizer's learning rate (``optimizer_params["lr"]``); settable, e.g. by
+        Lightning's ``Tuner.lr_find`` (the tables' rate follows it unless
+        ``embedding_optimizer_params`` sets its own)."""
+        return float(self.optimizer_params.get("lr", 1e-3))
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.optimizer_params["lr"] = float(value)
+        hp = self._hparams.get("optimizer_params") if hasattr(self, "_hparams") else None
+        if isinstance(hp, dict):
+            hp["lr"] = float(value)  # the checkpoint's hyper-parameters rebuild the tuned optimizer
 
     def metric_mode(self, name: str) -> str:
         """``"max"`` or ``"min"``: the direction in which metric ``name`` improves."""
@@ -484,7 +560,7 @@ class RecModule(L.LightningModule):
         # with a list of missing and unexpected state-dict keys
         spec = (checkpoint.get("hyper_parameters") or {}).get("model")
         theirs = spec.get("class_path") if isinstance(spec, Mapping) else None
-        ours = (model_spec(self.model) or {}).get("class_path")  # None for wrapped or foreign models
+        ours = (model_spec(unwrap_model(self.model)) or {}).get("class_path")  # None for foreign models
         if theirs and ours and theirs != ours:
             raise ValueError(
                 f"the checkpoint holds a {theirs.rpartition('.')[2]} model ({theirs}), but this {type(self).__name__}'s "
@@ -508,7 +584,7 @@ class RecModule(L.LightningModule):
         if fits:
             return
         theirs = dict(spec.get("init_args") or {})
-        ours = dict((model_spec(self.model) or {}).get("init_args") or {})
+        ours = dict((model_spec(unwrap_model(self.model)) or {}).get("init_args") or {})
         short = lambda v: (r if len(r := repr(v)) <= 120 else r[:117] + "...")  # noqa: E731
         diff = [f"{k}: checkpoint {short(theirs.get(k))}, here {short(ours.get(k))}"
                 for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]

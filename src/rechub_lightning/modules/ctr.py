@@ -29,7 +29,8 @@ class CTRModule(RecModule):
         loss_mode: ``True``: ``model(x) -> scores``; ``False``: ``model(x) -> (scores, aux_loss)``
             and the loss is ``BCE + aux_loss`` (DIEN).
         auc_thresholds: ``None`` for exact AUC (keeps all validation predictions) or an
-            int for torchmetrics' constant-memory binned approximation.
+            int: constant memory, probabilities counted into that many equal-width bins and the
+            exact AUC of the binned scores (scores sharing a bin tie; see ``BinaryAUC``).
         **kwargs: optimizer, scheduler, regularisation and sparse-embedding options of
             :class:`~rechub_lightning.modules.base.RecModule`.
 

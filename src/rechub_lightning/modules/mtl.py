@@ -104,7 +104,8 @@ class MTLModule(RecModule):
         gradient_clip_val: clip gradients at this norm/value. Works with every weighting;
             with manual ones Lightning refuses ``Trainer(gradient_clip_val=...)``, so set it here.
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.
-        auc_thresholds: ``None`` for exact AUC or an int for the binned approximation.
+        auc_thresholds: ``None`` for exact AUC or an int: the exact AUC of the scores counted
+            into that many equal-width bins (constant memory; see ``BinaryAUC``).
 
     Logged: ``train/loss``, ``train/task_{i}_loss``, ``loss_weight/task_{i}``,
     ``learning_rate``, ``val/loss``, ``val/task_{i}_auc`` or ``val/task_{i}_mse`` (and
