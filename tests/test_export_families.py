@@ -139,7 +139,7 @@ def test_quantized_onnx_models_are_smaller_and_score_alike(tmp_path):
         expect = torch.sigmoid(model(x)).numpy()
     auc = roc_auc_score(y.numpy(), expect)
     assert auc > 0.9  # the model learned the rule: quantization error shows in the ranking
-    for path, tol, auc_tol in ((int8, 0.05, 0.01), (fp16, 5e-3, 1e-3)):
+    for path, tol, auc_tol in ((int8, 0.01, 0.002), (fp16, 5e-3, 1e-3)):
         got = _run(path, x)
         assert got.dtype == np.float32  # float32 in and out for both
         assert np.abs(got - expect).max() < tol, path
@@ -207,3 +207,31 @@ def test_every_multi_task_model_exports(tmp_path, name):
                             for i, t in enumerate(model.task_types)], dim=1)
 
     _assert_export_round_trip(model, tmp_path / f"{name}.onnx", predictions)
+
+
+def test_int8_quantizes_the_tables_and_keeps_a_trained_ctr_model_scores(tmp_path):
+    """Dynamic INT8 of the MLP quantizes its inputs per tensor, which moved a trained DeepFM's
+    scores by 0.35 on the default config; the default quantizes the embedding tables only."""
+    import lightning as L
+
+    from rechub_lightning import CTRModule
+    from rechub_lightning.data import CTRDataModule
+    from rechub_lightning.export import quantize_onnx
+    from rechub_lightning.models.ranking import DeepFM
+
+    L.seed_everything(0)
+    dm = CTRDataModule(synthetic_rows=20000, synthetic_max_vocab=2000, batch_size=512)
+    model = DeepFM(schema=dm.schema, mlp_params={"dims": [64, 32]})
+    L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=str(tmp_path)).fit(CTRModule(model), dm)
+    model.eval()
+    x, _ = next(iter(dm.test_dataloader()))
+    fp32 = export_onnx(model, str(tmp_path / "m.onnx"))
+    with torch.no_grad():
+        expect = torch.sigmoid(model(x)).numpy()
+    tables = quantize_onnx(fp32, str(tmp_path / "m.int8.onnx"))
+    everything = quantize_onnx(fp32, str(tmp_path / "m.all.onnx"), op_types_to_quantize=["Gather", "MatMul", "Gemm"])
+    size = {p: __import__("os").path.getsize(p) for p in (fp32, tables, everything)}
+    assert size[everything] < size[tables] < size[fp32]
+    assert np.abs(_run(tables, x) - expect).max() < 0.005
+    assert np.abs(_run(everything, x) - expect).max() > np.abs(_run(tables, x) - expect).max()

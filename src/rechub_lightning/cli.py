@@ -230,7 +230,7 @@ def export_main(argv: list[str]) -> str:
     p.add_argument("--opset_version", type=int, default=17)
     p.add_argument(
         "--quantize", choices=["int8", "fp16"], default=None,
-        help="write a quantized model: int8 (8-bit weights and embedding tables, CPU serving) or fp16 (GPU serving)",
+        help="write a quantized model: int8 (8-bit embedding tables, CPU serving) or fp16 (GPU serving)",
     )
     p.add_argument(
         "--seq_length", type=int, default=None,
