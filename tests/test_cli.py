@@ -117,3 +117,19 @@ def test_predict_takes_the_label_name_the_checkpoint_was_trained_on(tmp_path):
     got = pd.read_csv(out)
     assert list(got.columns) == ["row", "pred_click", "label_click"]
     assert (got["label_click"].to_numpy() == frame["click"].to_numpy()).all()
+
+
+def test_feature_arguments_take_lists_of_column_names(tmp_path):
+    """docs/cli.md: a model's feature arguments take a selector or a list of column names, in a
+    config or on the command line (the list was refused by the argument's type)."""
+    from rechub_lightning.models.base import build_model
+
+    main(["fit", "--config", "configs/ctr/deepfm.yaml", *TINY, "--trainer.max_epochs=1",
+          "--model.init_args.model.init_args.fm_features=[C1, C2]",
+          "--model.init_args.model.init_args.deep_features=[C1, C2, I1]", f"--trainer.default_root_dir={tmp_path}"])
+    best = glob.glob(str(tmp_path / "**" / "best-*.ckpt"), recursive=True)
+    spec = torch.load(best[0], weights_only=True)["hyper_parameters"]["model"]
+    assert spec["init_args"]["fm_features"] == ["C1", "C2"]
+    model = build_model(spec)
+    assert [f.name for f in model.fm_features] == ["C1", "C2"]
+    assert [f.name for f in model.deep_features] == ["C1", "C2", "I1"]

@@ -41,9 +41,9 @@ class FaceBookDSSM(DSSM):
 
     def __init__(
         self,
-        user_features: Sequence[Feature] | str | None = None,
-        pos_item_features: Sequence[Feature] | str | None = None,
-        neg_item_features: Sequence[Feature] | str | None = None,
+        user_features: Sequence[Feature] | Sequence[str] | str | None = None,
+        pos_item_features: Sequence[Feature] | Sequence[str] | str | None = None,
+        neg_item_features: Sequence[Feature] | Sequence[str] | str | None = None,
         user_params: dict[str, Any] | None = None,
         item_params: dict[str, Any] | None = None,
         temperature: float = 1.0,

@@ -77,15 +77,15 @@ class DSSMSENet(DSSM):
 
     def __init__(
         self,
-        user_features: Sequence[Feature] | str | None = None,
-        item_features: Sequence[Feature] | str | None = None,
+        user_features: Sequence[Feature] | Sequence[str] | str | None = None,
+        item_features: Sequence[Feature] | Sequence[str] | str | None = None,
         user_params: dict[str, Any] | None = None,
         item_params: dict[str, Any] | None = None,
         temperature: float = 1.0,
         reduction_ratio: int = 3,
         excitation: str = "sigmoid",
         *,
-        neg_item_features: Sequence[Feature] | str | None = None,
+        neg_item_features: Sequence[Feature] | Sequence[str] | str | None = None,
         schema: FeatureSchema | None = None,
     ) -> None:
         super().__init__(

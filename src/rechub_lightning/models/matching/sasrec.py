@@ -68,7 +68,7 @@ class SASRec(SessionModel):
 
     def __init__(
         self,
-        features: Sequence[Feature] | str | None = None,
+        features: Sequence[Feature] | Sequence[str] | str | None = None,
         max_len: int = 50,
         dropout_rate: float = 0.5,
         num_blocks: int = 2,

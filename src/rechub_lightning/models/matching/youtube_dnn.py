@@ -53,9 +53,9 @@ class YoutubeDNN(MatchModel):
 
     def __init__(
         self,
-        user_features: Sequence[Feature] | str | None = None,
-        item_features: Sequence[Feature] | str | None = None,
-        neg_item_feature: Sequence[Feature] | str | None = None,
+        user_features: Sequence[Feature] | Sequence[str] | str | None = None,
+        item_features: Sequence[Feature] | Sequence[str] | str | None = None,
+        neg_item_feature: Sequence[Feature] | Sequence[str] | str | None = None,
         user_params: dict[str, Any] | None = None,
         temperature: float = 1.0,
         *,

@@ -50,9 +50,9 @@ class YoutubeSBC(MatchModel):
 
     def __init__(
         self,
-        user_features: Sequence[Feature] | str | None = None,
-        item_features: Sequence[Feature] | str | None = None,
-        sample_weight_feature: Sequence[Feature] | str | None = None,
+        user_features: Sequence[Feature] | Sequence[str] | str | None = None,
+        item_features: Sequence[Feature] | Sequence[str] | str | None = None,
+        sample_weight_feature: Sequence[Feature] | Sequence[str] | str | None = None,
         user_params: dict[str, Any] | None = None,
         item_params: dict[str, Any] | None = None,
         batch_size: int | None = None,

@@ -76,7 +76,7 @@ class AITM(MultiTaskModel):
 
     def __init__(
         self,
-        features: Sequence[Feature] | str | None = None,
+        features: Sequence[Feature] | Sequence[str] | str | None = None,
         n_task: int = 2,
         bottom_params: dict[str, Any] | None = None,
         tower_params_list: Sequence[dict[str, Any]] | None = None,

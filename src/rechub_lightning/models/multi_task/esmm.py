@@ -72,8 +72,8 @@ class ESMM(MultiTaskModel):
 
     def __init__(
         self,
-        user_features: Sequence[Feature] | str | None = None,
-        item_features: Sequence[Feature] | str | None = None,
+        user_features: Sequence[Feature] | Sequence[str] | str | None = None,
+        item_features: Sequence[Feature] | Sequence[str] | str | None = None,
         cvr_params: dict[str, Any] | None = None,
         ctr_params: dict[str, Any] | None = None,
         *,

@@ -38,7 +38,7 @@ class MMOE(MultiTaskModel):
 
     def __init__(
         self,
-        features: Sequence[Feature] | str | None = None,
+        features: Sequence[Feature] | Sequence[str] | str | None = None,
         task_types: Sequence[str] | None = None,
         n_expert: int = 8,
         expert_params: dict[str, Any] | None = None,

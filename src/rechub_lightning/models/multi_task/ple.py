@@ -113,7 +113,7 @@ class PLE(MultiTaskModel):
 
     def __init__(
         self,
-        features: Sequence[Feature] | str | None = None,
+        features: Sequence[Feature] | Sequence[str] | str | None = None,
         task_types: Sequence[str] | None = None,
         n_level: int = 1,
         n_expert_specific: int = 2,

@@ -38,7 +38,7 @@ class SharedBottom(MultiTaskModel):
 
     def __init__(
         self,
-        features: Sequence[Feature] | str | None = None,
+        features: Sequence[Feature] | Sequence[str] | str | None = None,
         task_types: Sequence[str] | None = None,
         bottom_params: dict[str, Any] | None = None,
         tower_params_list: Sequence[dict[str, Any]] | None = None,

@@ -40,7 +40,7 @@ class AFM(RecModel):
 
     def __init__(
         self,
-        fm_features: Sequence[Feature] | str | None = None,
+        fm_features: Sequence[Feature] | Sequence[str] | str | None = None,
         embed_dim: int | None = None,
         t: int = 64,
         *,

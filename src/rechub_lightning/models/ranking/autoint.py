@@ -39,8 +39,8 @@ class AutoInt(RecModel):
 
     def __init__(
         self,
-        sparse_features: Sequence[Feature] | str | None = None,
-        dense_features: Sequence[Feature] | str | None = None,
+        sparse_features: Sequence[Feature] | Sequence[str] | str | None = None,
+        dense_features: Sequence[Feature] | Sequence[str] | str | None = None,
         num_layers: int = 3,
         num_heads: int = 2,
         dropout: float = 0.0,

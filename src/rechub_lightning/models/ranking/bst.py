@@ -52,9 +52,9 @@ class BST(RecModel):
 
     def __init__(
         self,
-        features: Sequence[Feature] | str | None = None,
-        history_features: Sequence[Feature] | str | None = None,
-        target_features: Sequence[Feature] | str | None = None,
+        features: Sequence[Feature] | Sequence[str] | str | None = None,
+        history_features: Sequence[Feature] | Sequence[str] | str | None = None,
+        target_features: Sequence[Feature] | Sequence[str] | str | None = None,
         mlp_params: dict[str, Any] | None = None,
         nhead: int = 8,
         dropout: float = 0.2,

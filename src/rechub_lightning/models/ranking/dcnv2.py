@@ -33,7 +33,7 @@ class DCNv2(RecModel):
 
     def __init__(
         self,
-        features: Sequence[Feature] | str | None = None,
+        features: Sequence[Feature] | Sequence[str] | str | None = None,
         n_cross_layers: int = 3,
         mlp_params: dict[str, Any] | None = None,
         model_structure: str = "parallel",

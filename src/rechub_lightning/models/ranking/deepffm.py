@@ -21,8 +21,8 @@ def _explicit(value: Any) -> bool:
 
 
 def ffm_inputs(
-    linear_features: Sequence[Feature] | str | None,
-    cross_features: Sequence[Feature] | str | None,
+    linear_features: Sequence[Feature] | Sequence[str] | str | None,
+    cross_features: Sequence[Feature] | Sequence[str] | str | None,
     embed_dim: int | None,
     schema: FeatureSchema | None,
 ) -> tuple[list[Feature], list[SparseFeature], int]:
@@ -94,8 +94,8 @@ class DeepFFM(RecModel):
 
     def __init__(
         self,
-        linear_features: Sequence[Feature] | str | None = None,
-        cross_features: Sequence[Feature] | str | None = None,
+        linear_features: Sequence[Feature] | Sequence[str] | str | None = None,
+        cross_features: Sequence[Feature] | Sequence[str] | str | None = None,
         embed_dim: int | None = None,
         mlp_params: dict[str, Any] | None = None,
         *,
@@ -108,8 +108,8 @@ class DeepFFM(RecModel):
     # shared with FatDeepFFM -------------------------------------------------------
     def _build_ffm(
         self,
-        linear_features: Sequence[Feature] | str | None,
-        cross_features: Sequence[Feature] | str | None,
+        linear_features: Sequence[Feature] | Sequence[str] | str | None,
+        cross_features: Sequence[Feature] | Sequence[str] | str | None,
         embed_dim: int | None,
         schema: FeatureSchema | None,
     ) -> None:

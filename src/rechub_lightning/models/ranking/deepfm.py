@@ -32,8 +32,8 @@ class DeepFM(RecModel):
 
     def __init__(
         self,
-        deep_features: Sequence[Feature] | str | None = None,
-        fm_features: Sequence[Feature] | str | None = None,
+        deep_features: Sequence[Feature] | Sequence[str] | str | None = None,
+        fm_features: Sequence[Feature] | Sequence[str] | str | None = None,
         mlp_params: dict[str, Any] | None = None,
         *,
         schema: FeatureSchema | None = None,

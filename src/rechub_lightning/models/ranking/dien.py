@@ -55,10 +55,10 @@ class DIEN(RecModel):
 
     def __init__(
         self,
-        features: Sequence[Feature] | str | None = None,
-        history_features: Sequence[Feature] | str | None = None,
-        neg_history_features: Sequence[Feature] | str | None = None,
-        target_features: Sequence[Feature] | str | None = None,
+        features: Sequence[Feature] | Sequence[str] | str | None = None,
+        history_features: Sequence[Feature] | Sequence[str] | str | None = None,
+        neg_history_features: Sequence[Feature] | Sequence[str] | str | None = None,
+        target_features: Sequence[Feature] | Sequence[str] | str | None = None,
         mlp_params: dict[str, Any] | None = None,
         alpha: float = 0.2,
         *,

@@ -20,9 +20,9 @@ __all__ = ["DIN", "resolve_sequence_inputs", "history_embedding", "target_embedd
 
 
 def resolve_sequence_inputs(
-    features: Sequence[Feature] | str | None,
-    history_features: Sequence[Feature] | str | None,
-    target_features: Sequence[Feature] | str | None,
+    features: Sequence[Feature] | Sequence[str] | str | None,
+    history_features: Sequence[Feature] | Sequence[str] | str | None,
+    target_features: Sequence[Feature] | Sequence[str] | str | None,
     schema: FeatureSchema | None,
     exclude: Sequence[str] = (),
     extra_targets: bool = False,
@@ -130,9 +130,9 @@ class DIN(RecModel):
 
     def __init__(
         self,
-        features: Sequence[Feature] | str | None = None,
-        history_features: Sequence[Feature] | str | None = None,
-        target_features: Sequence[Feature] | str | None = None,
+        features: Sequence[Feature] | Sequence[str] | str | None = None,
+        history_features: Sequence[Feature] | Sequence[str] | str | None = None,
+        target_features: Sequence[Feature] | Sequence[str] | str | None = None,
         mlp_params: dict[str, Any] | None = None,
         attention_mlp_params: dict[str, Any] | None = None,
         *,

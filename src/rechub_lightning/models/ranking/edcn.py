@@ -126,7 +126,7 @@ class EDCN(RecModel):
 
     def __init__(
         self,
-        features: Sequence[Feature] | str | None = None,
+        features: Sequence[Feature] | Sequence[str] | str | None = None,
         n_cross_layers: int = 2,
         mlp_params: dict[str, Any] | None = None,
         bridge_type: str = "hadamard_product",

@@ -33,8 +33,8 @@ class FatDeepFFM(DeepFFM):
 
     def __init__(
         self,
-        linear_features: Sequence[Feature] | str | None = None,
-        cross_features: Sequence[Feature] | str | None = None,
+        linear_features: Sequence[Feature] | Sequence[str] | str | None = None,
+        cross_features: Sequence[Feature] | Sequence[str] | str | None = None,
         embed_dim: int | None = None,
         reduction_ratio: int = 1,
         mlp_params: dict[str, Any] | None = None,

@@ -39,7 +39,7 @@ class FiBiNet(RecModel):
 
     def __init__(
         self,
-        features: Sequence[Feature] | str | None = None,
+        features: Sequence[Feature] | Sequence[str] | str | None = None,
         mlp_params: dict[str, Any] | None = None,
         reduction_ratio: int = 3,
         bilinear_type: str = "field_interaction",

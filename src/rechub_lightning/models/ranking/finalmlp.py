@@ -96,13 +96,13 @@ class FinalMLP(RecModel):
 
     def __init__(
         self,
-        features: Sequence[Feature] | str | None = None,
+        features: Sequence[Feature] | Sequence[str] | str | None = None,
         mlp1_params: dict[str, Any] | None = None,
         mlp2_params: dict[str, Any] | None = None,
         use_fs: bool = True,
         fs_hidden_units: Sequence[int] = (64,),
-        fs1_context: Sequence[Feature] | str | None = None,
-        fs2_context: Sequence[Feature] | str | None = None,
+        fs1_context: Sequence[Feature] | Sequence[str] | str | None = None,
+        fs2_context: Sequence[Feature] | Sequence[str] | str | None = None,
         num_heads: int = 1,
         *,
         schema: FeatureSchema | None = None,

@@ -27,8 +27,8 @@ class WideDeep(RecModel):
 
     def __init__(
         self,
-        wide_features: Sequence[Feature] | str | None = None,
-        deep_features: Sequence[Feature] | str | None = None,
+        wide_features: Sequence[Feature] | Sequence[str] | str | None = None,
+        deep_features: Sequence[Feature] | Sequence[str] | str | None = None,
         mlp_params: dict[str, Any] | None = None,
         *,
         schema: FeatureSchema | None = None,

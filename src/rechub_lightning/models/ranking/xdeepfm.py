@@ -37,8 +37,8 @@ class xDeepFM(RecModel):  # noqa: N801 - the paper's name
 
     def __init__(
         self,
-        deep_features: Sequence[Feature] | str | None = None,
-        cin_features: Sequence[Feature] | str | None = None,
+        deep_features: Sequence[Feature] | Sequence[str] | str | None = None,
+        cin_features: Sequence[Feature] | Sequence[str] | str | None = None,
         cin_size: Sequence[int] = (64, 64),
         mlp_params: dict[str, Any] | None = None,
         split_half: bool = True,
