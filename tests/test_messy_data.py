@@ -217,3 +217,16 @@ def test_prediction_rows_with_a_partly_empty_label_column(tmp_path):
         preds[name] = np.concatenate([p.numpy() for p in trainer.predict(module, pdm)])
     assert len(preds["path"]) == 20
     assert np.array_equal(preds["path"], preds["no label"]) and np.array_equal(preds["predict_path"], preds["no label"])
+
+
+def test_integer_coded_categories_inferred_dense_are_named_before_the_model_fails():
+    from rechub_lightning.models.ranking import DeepFM
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"user_id": rng.integers(0, 50, 300), "price": rng.normal(size=300), "click": rng.integers(0, 2, 300)})
+    with pytest.warns(UserWarning, match=r"every feature column was inferred as dense .*sparse_features"):
+        dm = CTRDataModule(data=df, label="click")
+    with pytest.raises(ValueError, match=r"fm_features='sparse\+sequence' selects no feature.*sparse_features"):
+        DeepFM(schema=dm.schema)
+    dm = CTRDataModule(data=df, label="click", sparse_features=["user_id"], dense_features=["price"])
+    assert [f.name for f in DeepFM(schema=dm.schema).fm_features] == ["user_id"]

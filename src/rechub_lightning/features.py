@@ -447,4 +447,13 @@ def resolve_features(
         )
     if isinstance(schema, dict):
         schema = FeatureSchema.from_dict(schema)
-    return schema.select(spec)  # type: ignore[arg-type]
+    chosen = schema.select(spec)  # type: ignore[arg-type]
+    parts = {p.strip() for p in (spec.split("+") if isinstance(spec, str) else spec)}
+    if not chosen and parts & {"sparse", "sequence"} and not (schema.sparse or schema.sequence):
+        # e.g. categories stored as integer codes in a file: column inference made them dense
+        raise ValueError(
+            f"{arg}={spec!r} selects no feature: the data's schema has no categorical (sparse or sequence) feature, "
+            f"only {len(schema.dense)} dense one(s) {[f.name for f in schema.dense][:10]}; categorical columns stored "
+            f"as numbers are inferred as dense: name them in the datamodule's sparse_features (--data.sparse_features)"
+        )
+    return chosen

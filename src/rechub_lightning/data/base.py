@@ -714,6 +714,11 @@ class TabularDataModule(L.LightningDataModule):
                     f"pass ignore_columns={index_like} (or save with index=False) unless they are data"
                 )
             _warn_unlikely_categories(df, sparse)
+            if dense and not sparse and not seq and len(df):
+                rank_zero_warn(
+                    f"every feature column was inferred as dense ({dense[:10]}): categorical columns stored as numbers "
+                    f"(ids, codes) are numeric, so name them in sparse_features; models that embed categories need some"
+                )
         else:
             used = taken | set(sparse or []) | set(dense or [])
             unused = [c for c in df.columns if c not in used]
