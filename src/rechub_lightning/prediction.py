@@ -285,12 +285,16 @@ class MatchPredictionWriter(BasePredictionWriter):
         # user ids
         ds = dm.dataset("predict") if dm is not None and callable(getattr(dm, "dataset", None)) else None
         x = getattr(ds, "x", None) or {}
-        if user_col is not None and user_col in x:
+        raw = dm.raw_frame("predict") if callable(getattr(dm, "raw_frame", None)) else None
+        if user_col is not None and raw is not None and user_col in raw.columns and len(raw) == n_users:
+            # the raw ids, also of users the encoder does not know (too few training interactions,
+            # new users), which decode to the unknown id
+            user_ids = raw[user_col].to_numpy()
+        elif user_col is not None and user_col in x:
             user_enc = x[user_col].reshape(-1).long().numpy()[:n_users]
             user_ids = self._ids(dm, user_col, user_enc)
         else:
             user_col, user_ids = "user_id", np.arange(n_users)
-        raw = dm.raw_frame("predict") if self.id_columns and callable(getattr(dm, "raw_frame", None)) else None
         extra: dict[str, np.ndarray] = {}
         if self.id_columns:
             if raw is None:

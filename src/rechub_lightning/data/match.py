@@ -26,6 +26,7 @@ The :class:`~rechub_lightning.features.FeatureSchema` (groups ``user``, ``item``
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,7 +41,7 @@ from ..features import DenseFeature, Feature, FeatureSchema, SequenceFeature, Sp
 from .base import as_frame, load_preprocessing_state, read_table, validate_batch_tensors
 from .datasets import TensorDictDataset, check_int, make_dataloader
 from .preprocessing import CategoryEncoder
-from .sequence import _redraw_collisions, check_time_column, gen_model_input, generate_seq_feature_match
+from .sequence import _redraw_collisions, check_time_column, gen_model_input, generate_seq_feature_match, time_order_key
 from .synthetic_seq import make_movielens_like
 
 __all__ = ["MatchDataModule", "SeenItemsDataset", "SEEN_ITEMS_KEY"]
@@ -113,11 +114,14 @@ class MatchDataModule(L.LightningDataModule):
         data: a pandas DataFrame or dict of arrays instead of ``path``.
         user_col: user id column.
         item_col: item id column.
-        time_col: timestamp column (any sortable type).
+        time_col: timestamp column: numbers, datetimes, or text holding either (parsed, so
+            that ``"998"`` sorts before ``"1000"`` and ``"12/30/2021"`` before ``"01/02/2022"``).
         user_feature_cols: user attribute columns (default: those of ml-1m's ``gender, age,
-            occupation, zip`` that exist).
+            occupation, zip`` that exist). A user's attributes are those of his most recent
+            training interaction, in training and evaluation alike.
         item_feature_cols: item attribute columns (default: ``["cate_id"]`` when derived
-            from ``genres_col``, else none).
+            from ``genres_col``, else none). An item's attributes are those of its most recent
+            training interaction.
         genres_col: a ``"A|B|C"`` column whose first value becomes the item attribute
             ``cate_id`` (what Torch-RecHub's ml-1m examples do); ignored when absent.
         mode: ``0`` point-wise (labels, ``neg_ratio`` negative rows per positive), ``1``
@@ -207,9 +211,9 @@ class MatchDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["data"])
         self.user_col, self.item_col, self.time_col = user_col, item_col, time_col
         self.mode = int(mode)
-        self.neg_ratio = 1 if self.mode == 1 else int(neg_ratio)
+        self.neg_ratio = 1 if self.mode == 1 else check_int(neg_ratio, "neg_ratio", minimum=0)  # 2.9 is an error, not 2
         self.sample_method = int(sample_method)
-        self.seq_max_len = int(seq_max_len)
+        self.seq_max_len = check_int(seq_max_len, "seq_max_len")
         self.history_pooling = history_pooling
         self.embed_dim = int(embed_dim)
         self.min_freq = int(min_freq)
@@ -221,7 +225,9 @@ class MatchDataModule(L.LightningDataModule):
         self.history_feature = "hist_" + item_col
         self._synthetic = (int(synthetic_users), int(synthetic_items), tuple(int(v) for v in synthetic_interactions))
 
-        frame = self._load(path, data)
+        # ids (and named attributes) of a CSV are read as text: "007" stays "007", not the number 7
+        text = [user_col, item_col, *(user_feature_cols or []), *(item_feature_cols or [])]
+        frame = self._load(path, data, text)
         if genres_col and genres_col in frame.columns and "cate_id" not in frame.columns:
             frame = frame.assign(cate_id=frame[genres_col].astype("string").str.split("|").str[0])
         if user_feature_cols is None:
@@ -262,12 +268,17 @@ class MatchDataModule(L.LightningDataModule):
         users, items, per_user = self._synthetic
         return make_movielens_like(n_users=users, n_items=items, interactions_per_user=per_user, seed=self.seed).ratings
 
-    def _load(self, path: str | None, data: Any) -> pd.DataFrame:
+    def _load(self, path: str | None, data: Any, text_columns: Sequence[str] = ()) -> pd.DataFrame:
         if path is not None and data is not None:
             raise ValueError("give either path or data, not both")
         if data is not None:
             return as_frame(data)
-        return read_table(path) if path is not None else self.default_frame()
+        if path is None:
+            return self.default_frame()
+        if str(path).lower().endswith((".parquet", ".pq")) or os.path.isdir(str(path)):
+            return read_table(path)  # typed already
+        header = read_table(path, nrows=0).columns
+        return read_table(path, [c for c in dict.fromkeys(text_columns) if c in header])
 
     def _split(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Sorted by user then time (stable) with ``_rank``: 0 = last interaction (test), 1 = validation."""
@@ -275,7 +286,7 @@ class MatchDataModule(L.LightningDataModule):
         users = pd.factorize(frame[self.user_col], sort=True)[0]
         if (users < 0).any():
             raise ValueError(f"user column {self.user_col!r} has missing values")
-        times = pd.factorize(frame[self.time_col], sort=True)[0]
+        times = pd.factorize(time_order_key(frame[self.time_col], self.time_col), sort=True)[0]
         order = np.lexsort((np.arange(len(frame)), times, users))
         frame = frame.iloc[order].reset_index(drop=True)
         u = users[order]
@@ -327,9 +338,13 @@ class MatchDataModule(L.LightningDataModule):
     def _profiles(self) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, np.ndarray]]:
         """User profile, item profile (training items) and item id -> attribute id arrays."""
         enc = self._encoded()
-        user_profile = enc[[self.user_col, *self.user_feature_cols]].drop_duplicates(self.user_col)
+        # a user's / an item's attributes: those of the most recent training interaction (the
+        # frame is sorted by user, then time)
+        # (joined on the encoded user id: users sharing the unknown id 0 under min_freq join once)
+        user_profile = self._user_attributes()[[self.user_col, *self.user_feature_cols]].drop_duplicates(self.user_col, keep="last")
         train = enc[(enc["_rank"] >= 2) & (enc[self.item_col] > 0)]
-        item_profile = train[[self.item_col, *self.item_feature_cols]].drop_duplicates(self.item_col)
+        by_time = np.argsort(pd.factorize(time_order_key(train[self.time_col], self.time_col), sort=True)[0], kind="stable")
+        item_profile = train.iloc[by_time][[self.item_col, *self.item_feature_cols]].drop_duplicates(self.item_col, keep="last")
         item_profile = item_profile.sort_values(self.item_col).reset_index(drop=True)
         vocab = self._vocab(self.item_col)
         attr = {}
@@ -338,6 +353,17 @@ class MatchDataModule(L.LightningDataModule):
             arr[item_profile[self.item_col].to_numpy()] = item_profile[c].to_numpy()
             attr[c] = arr
         return user_profile, item_profile, attr
+
+    def _user_attributes(self) -> pd.DataFrame:
+        """One row per user (``_user``) with his most recent training interaction's encoded
+        attributes (users without training interactions: their first interaction's)."""
+        if "user_attributes" not in self._built:
+            enc = self._encoded()
+            cols = ["_user", self.user_col, *self.user_feature_cols]
+            train = enc.loc[enc["_rank"] >= 2, cols].drop_duplicates("_user", keep="last")
+            rest = enc.loc[~enc["_user"].isin(train["_user"]), cols].drop_duplicates("_user")
+            self._built["user_attributes"] = pd.concat([train, rest]).set_index("_user", drop=False).sort_index()
+        return self._built["user_attributes"]
 
     def item_counts(self) -> np.ndarray:
         """Training interactions per item id, ``(vocab_size,)`` (id 0 counts the unknown items)."""
@@ -458,8 +484,9 @@ class MatchDataModule(L.LightningDataModule):
         valid = idx >= start[:, None]
         hist = np.where(valid, items[np.clip(idx, 0, None)], 0)
         cols = {self.user_col: enc[self.user_col].to_numpy()[at]}
+        attrs = self._user_attributes().loc[enc["_user"].to_numpy()[at]]  # the profile training used
         for c in self.user_feature_cols:
-            cols[c] = enc[c].to_numpy()[at]
+            cols[c] = attrs[c].to_numpy()
         cols[self.history_feature] = hist
         # seen = the user's items before the held-out one (all of them for predict), minus that item
         lengths = end - start

@@ -18,8 +18,9 @@ __all__ = ["MTLDataModule"]
 class DerivedLabels:
     """Adds label columns computed as the product of other columns (picklable, for streaming workers)."""
 
-    def __init__(self, derived: Mapping[str, Sequence[str]]) -> None:
+    def __init__(self, derived: Mapping[str, Sequence[str]], strict: bool = True) -> None:
         self.derived = {str(k): [str(c) for c in v] for k, v in derived.items()}
+        self.strict = strict  # False: rows to predict, whose label columns may be missing
 
     def __call__(self, frame: pd.DataFrame) -> pd.DataFrame:
         if not self.derived:
@@ -27,6 +28,8 @@ class DerivedLabels:
         frame = frame.copy()
         for name, sources in self.derived.items():
             missing = [c for c in sources if c not in frame.columns]
+            if missing and not self.strict:
+                continue
             if missing:
                 raise KeyError(f"derived label {name!r} needs column(s) {missing}; available: {list(frame.columns)}")
             value = frame[sources[0]].to_numpy(dtype=np.float64)
@@ -153,6 +156,8 @@ class MTLDataModule(TabularDataModule):
             if len(task_types) != len(labels):
                 raise ValueError(f"task_types has {len(task_types)} entries for {len(labels)} labels {labels}")
         self._label_sources = set(labels) | {c for v in self.derived_labels.values() for c in v}
+        # preprocessing restored + rows given: rows to predict (`rechub predict`), labels optional
+        self._rows_to_predict = preprocessing_from is not None and (path is not None or data is not None)
         if synthetic and sparse_features is None and dense_features is None and sequence_features is None:
             sparse_features = [c for c in CENSUS_SPARSE_COLS if c not in self._label_sources]
             dense_features = [c for c in CENSUS_DENSE_COLS if c not in self._label_sources]
@@ -178,14 +183,16 @@ class MTLDataModule(TabularDataModule):
     def _add_derived(self, frame: pd.DataFrame | None) -> pd.DataFrame | None:
         if frame is None or not self.derived_labels:
             return frame
-        return DerivedLabels(self.derived_labels)(frame)
+        return DerivedLabels(self.derived_labels, strict=not self._rows_to_predict)(frame)
 
     # streaming hooks (see TabularDataModule)
     def _prepare_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
         return self._add_derived(frame)  # type: ignore[return-value]
 
     def _frame_transform(self) -> DerivedLabels | None:
-        return DerivedLabels(self.derived_labels) if self.derived_labels else None
+        # the label columns of training/validation files are checked from their Parquet schema first;
+        # prediction files may lack them
+        return DerivedLabels(self.derived_labels, strict=False) if self.derived_labels else None
 
     def _label_source_columns(self) -> list[str]:
         plain = [c for c in self.labels if c not in self.derived_labels]

@@ -67,6 +67,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from .datasets import check_int
+
 __all__ = [
     "pad_sequences",
     "generate_seq_feature",
@@ -138,6 +140,29 @@ def check_time_column(s: pd.Series, name: str) -> None:
             )
 
 
+def time_order_key(s: pd.Series, name: str | None = None) -> pd.Series:
+    """Values that sort as the times of column ``s``: numbers and datetimes as they are, text
+    parsed as numbers (``"998"`` before ``"1000"``) or else as dates (``"12/30/2021"`` before
+    ``"01/02/2022"``; month first when ambiguous); text that is neither is an error."""
+    name = s.name if name is None else name
+    check_time_column(s, name)
+    if not (s.dtype == object or pd.api.types.is_string_dtype(s.dtype)) or len(s) == 0:
+        return s
+    num = pd.to_numeric(s, errors="coerce")
+    if num.notna().all():
+        return num
+    try:
+        try:
+            return pd.to_datetime(s)  # one format, inferred from the first value (vectorised)
+        except (ValueError, TypeError):
+            return pd.to_datetime(s, format="mixed")  # e.g. "2022-01-01T10:00" and "2022-01-01 09:00"
+    except (ValueError, TypeError, OverflowError) as e:
+        raise ValueError(
+            f"time column {name!r} holds text that is neither numbers nor dates (e.g. {s.iloc[0]!r}: {e}); text "
+            f"would sort alphabetically, not in time order: convert it (pd.to_numeric / pd.to_datetime with a format)"
+        ) from None
+
+
 def _check_events(data: pd.DataFrame, item_col: str, time_col: str) -> None:
     """Refuse interactions whose item is missing (it would become a pseudo-item, trained on and
     sampled as a negative) or whose times do not sort."""
@@ -153,7 +178,9 @@ def _codes(s: pd.Series) -> np.ndarray:
 
 
 def _stable_time_order(s: pd.Series) -> np.ndarray:
-    """Row order sorted by time, ties kept in input order."""
+    """Row order sorted by time, ties kept in input order (text parsed as numbers or dates)."""
+    if not s.isna().any():
+        s = time_order_key(s)
     if pd.api.types.is_numeric_dtype(s.dtype) and not s.isna().any():
         return np.argsort(s.to_numpy(), kind="stable")
     return np.argsort(_codes(s), kind="stable")
@@ -1108,14 +1135,28 @@ def gen_model_input(
     Returns:
         Feature name -> array, ready for the models.
     """
+    if seq_max_len is not None:
+        seq_max_len = check_int(seq_max_len, "seq_max_len")
+    for name, profile, key in (("user_profile", user_profile, user_col), ("item_profile", item_profile, item_col)):
+        dup = profile[key].duplicated()
+        if dup.any():
+            # a left join would repeat every sample of such a user/item (silently, in the reference)
+            first = profile[key][dup].iloc[0]
+            first = first.item() if hasattr(first, "item") else first
+            raise ValueError(
+                f"{name} lists {int(dup.sum())} {key!r} value(s) more than once (e.g. {first!r}); keep one row per {key!r}"
+            )
     df = pd.merge(df, user_profile, on=user_col, how="left")
     df = pd.merge(df, item_profile, on=item_col, how="left")
     out: dict[str, np.ndarray] = {}
     for col in df.columns:
         if isinstance(col, str) and (col.startswith("hist_") or col.startswith("tag_")):
-            out[col] = pad_sequences(
-                df[col], maxlen=seq_max_len, dtype="int64", value=0, padding=padding, truncating=truncating
-            )
+            try:
+                out[col] = pad_sequences(
+                    df[col], maxlen=seq_max_len, dtype="int64", value=0, padding=padding, truncating=truncating
+                )
+            except ValueError as e:
+                raise ValueError(f"column {col!r}: {e}") from None
         else:
             out[col] = _column_to_array(df[col])
     return out

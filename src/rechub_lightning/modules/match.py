@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from ..data.datasets import check_int
 from ..data.match import SEEN_ITEMS_KEY
 from ..losses import bpr_loss, list_wise_loss, masked_fill_value, sampled_softmax_loss
 from ..metrics import BinaryAUC, RetrievalTopK
@@ -257,8 +258,8 @@ class MatchModule(RecModule):
     ) -> None:
         if isinstance(mode, bool) or mode not in _MODES:
             raise ValueError(f"mode must be 0 (point-wise), 1 (pair-wise) or 2 (list-wise), got mode={mode!r}")
-        if in_batch_neg_ratio is not None and (isinstance(in_batch_neg_ratio, bool) or int(in_batch_neg_ratio) < 1):
-            raise ValueError(f"in_batch_neg_ratio must be None or an int >= 1, got in_batch_neg_ratio={in_batch_neg_ratio!r}")
+        if in_batch_neg_ratio is not None:
+            check_int(in_batch_neg_ratio, "in_batch_neg_ratio")  # 2.5 is an error, not 2
         if temperature is not None and not float(temperature) > 0:
             raise ValueError(f"temperature must be > 0, got temperature={temperature}")
         ks = sorted({int(k) for k in topk} | {10})

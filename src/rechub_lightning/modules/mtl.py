@@ -33,6 +33,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MeanMetric, MeanSquaredError
 
+from ..data.datasets import check_int
 from ..metrics import BinaryAUC, auc_score
 from ..models.base import unwrap_model
 from ..models.multi_task._base import check_task_types
@@ -197,6 +198,7 @@ class MTLModule(RecModule):
                     "set sparse_embeddings=False"
                 )
 
+        check_int(earlystop_taskid, "earlystop_taskid", minimum=0)  # 1.7 is an error, not task 1
         if not 0 <= int(earlystop_taskid) < self.n_task:
             raise ValueError(f"earlystop_taskid={earlystop_taskid} is out of range for {self.n_task} tasks")
         self.earlystop_taskid = int(earlystop_taskid)
