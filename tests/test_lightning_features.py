@@ -60,21 +60,41 @@ def test_lr_find_sets_the_rate_the_optimizer_uses(tmp_path):
     trainer.fit(module, dm)
     assert {g["lr"] for g in trainer.optimizers[0].param_groups} == {suggestion}  # the tables' rate follows
     assert module.hparams["optimizer_params"]["lr"] == suggestion
+    ckpt = str(tmp_path / "tuned.ckpt")
+    trainer.save_checkpoint(ckpt)
+    assert CTRModule.load_from_checkpoint(ckpt).lr == suggestion
+    shared = {"lr": 1e-3}
+    other = CTRModule(DeepFM(schema=dm.schema, mlp_params={"dims": [16]}), optimizer_params=shared)
+    other.lr = 0.5
+    assert shared == {"lr": 1e-3}  # the caller's dict is not changed
+    assert CTRModule(DeepFM(schema=dm.schema), optimizer_fn=torch.optim.Adagrad, optimizer_params={}).lr == 0.01
 
 
-def test_plateau_steps_once_per_validation_with_step_based_validation(tmp_path):
+@pytest.mark.parametrize("family", ["ctr", "mtl gradnorm (manual optimization)"])
+def test_plateau_steps_once_per_validation_with_step_based_validation(tmp_path, family):
     """check_val_every_n_epoch=None validates every val_check_interval batches across epochs (15
     batches here, 10 per epoch): the plateau steps after each validation, on its value."""
     L.seed_everything(0)
-    dm = _dm(rows=3200, batch_size=256)  # 10 training batches
-    module = CTRModule(DeepFM(schema=dm.schema, mlp_params={"dims": [16]}), optimizer_params={"lr": 0.05},
-                       scheduler_fn="ReduceLROnPlateau", scheduler_params={"patience": 0, "factor": 0.5})
+    plateau = dict(optimizer_params={"lr": 0.05}, scheduler_fn="ReduceLROnPlateau", scheduler_params={"patience": 0, "factor": 0.5})
+    if family == "ctr":
+        dm = _dm(rows=3200, batch_size=256)  # 10 training batches
+        module = CTRModule(DeepFM(schema=dm.schema, mlp_params={"dims": [16]}), **plateau)
+        monitor = "val/auc"
+    else:
+        from rechub_lightning import MTLModule
+        from rechub_lightning.data import MTLDataModule
+        from rechub_lightning.models.multi_task import MMOE
+
+        dm = MTLDataModule(synthetic_rows=2000, batch_size=160, seed=1)  # 10 training batches
+        model = MMOE(schema=dm.schema, n_expert=2, expert_params={"dims": [8]}, tower_params_list=[{"dims": [8]}] * 2)
+        module = MTLModule(model, adaptive_params={"method": "gradnorm"}, **plateau)
+        monitor = module.monitor
     seen = []
 
     class Record(L.Callback):
         def on_validation_end(self, trainer, pl_module):
             if not trainer.sanity_checking:
-                seen.append(float(trainer.callback_metrics["val/auc"]))
+                seen.append(float(trainer.callback_metrics[monitor]))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             lrs.append(trainer.optimizers[0].param_groups[-1]["lr"])
@@ -83,9 +103,9 @@ def test_plateau_steps_once_per_validation_with_step_based_validation(tmp_path):
     trainer = _trainer(tmp_path, max_epochs=4, val_check_interval=15, check_val_every_n_epoch=None,
                        enable_checkpointing=False, num_sanity_val_steps=0, callbacks=[Record()])
     trainer.fit(module, dm)
-    assert len(seen) == 40 // 15
+    assert len(seen) == 40 // 15 and len(lrs) == 40
     reference = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05), mode="max", patience=0, factor=0.5)
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05), mode=module.metric_mode(monitor), patience=0, factor=0.5)
     expected = []
     for value in seen:
         reference.step(value)

@@ -35,6 +35,25 @@ def _sequence_dm(frames, **kw):
     )
 
 
+def test_items_that_merely_look_like_lists_or_hold_commas_stay_items():
+    df = pd.DataFrame({"hist": ["[old]|b", "1,000", "Godfather,The|x", "[a]"] * 50, "label": [0, 1] * 100})
+    dm = CTRDataModule(data=df, label="label", sparse_features=[], sequence_features=["hist"], split_ratio=(1.0, 0.0))
+    assert set(dm.preprocessor.encoders["hist"].categories) == {"[old]", "b", "1,000", "Godfather,The", "x", "[a]"}
+
+
+def test_zero_padded_text_histories_and_sequence_pad_value():
+    df = pd.DataFrame({"item": [3, 17, 5, 9] * 50, "hist": ["3|17|0|0", "5|0|0|0", "[9, 3, 0]", "17|5|9|3"] * 50,
+                       "label": [0, 1] * 100})
+    kw = dict(label="label", sparse_features=["item"], sequence_features={"hist": "item"}, max_len=4, split_ratio=(1.0, 0.0))
+    with pytest.warns(UserWarning, match="sequence_pad_value=0"):
+        CTRDataModule(data=df, **kw)
+    for pad in (0, "0"):
+        dm = CTRDataModule(data=df, sequence_pad_value=pad, **kw)
+        assert sorted(dm.preprocessor.encoders["item"].categories) == [3, 5, 9, 17]
+        x = dm.dataset("train").x["hist"][:4]
+        assert (x != 0).sum(1).tolist() == [2, 1, 2, 4]
+
+
 def test_zero_padded_histories_warn_and_sequence_pad_value_drops_the_padding():
     frames = generate_seq_feature(_events(), "user_id", "item_id", "time", item_attribute_cols=["cate_id"],
                                   max_len=10, seed=0, inplace=False)
@@ -61,19 +80,22 @@ def _hist_ids(dm):
     return [[enc.categories[i - 1] for i in row if i] for row in x], enc.vocab_size
 
 
-@pytest.mark.parametrize("written", ["list repr csv", "comma joined", "space joined"])
+@pytest.mark.parametrize("written", ["list repr csv", "array repr csv", "comma joined", "space joined"])
 def test_histories_written_as_text_encode_like_lists(tmp_path, written):
     df = _hist_frame()
     kw = dict(label="label", sparse_features=["user"], sequence_features=["hist"], max_len=5, batch_size=64, seed=3)
     expected, vocab = _hist_ids(CTRDataModule(data=df, **kw))
     text = df.copy()
-    if written == "list repr csv":  # what DataFrame.to_csv writes for a list column
-        df.to_csv(tmp_path / "h.csv", index=False)
+    if written.endswith("repr csv"):  # what DataFrame.to_csv writes for a list / a NumPy array column
+        out = df if written == "list repr csv" else df.assign(hist=[np.asarray(h) for h in df["hist"]])
+        out.to_csv(tmp_path / "h.csv", index=False)
         dm = CTRDataModule(path=str(tmp_path / "h.csv"), **kw)
+        with_sep = CTRDataModule(path=str(tmp_path / "h.csv"), sequence_sep=",", **kw)  # written lists parse whatever the sep
+        assert _hist_ids(with_sep)[0] == _hist_ids(dm)[0]
     else:
         sep = "," if written == "comma joined" else " "
         text["hist"] = [sep.join(map(str, h)) for h in df["hist"]]
-        with pytest.raises(ValueError, match=r"sequence feature 'hist' holds strings such as .*sequence_sep"):
+        with pytest.warns(UserWarning, match=r"sequence feature 'hist' holds strings such as .*read as ONE item.*sequence_sep"):
             CTRDataModule(data=text, **kw)
         dm = CTRDataModule(data=text, sequence_sep=sep, **kw)
     got, got_vocab = _hist_ids(dm)
@@ -99,12 +121,18 @@ def test_64_bit_ids_with_an_empty_cell_stay_distinct(tmp_path):
     assert sorted(dm.preprocessor.encoders["h"].categories) == sorted(set(df["h"].dropna().tolist()))
 
 
-def test_object_column_whole_floats_are_the_same_category_as_ints():
-    df = pd.DataFrame({"c": pd.Series([1, 1.0, 2.0, "A7"] * 50, dtype=object), "label": [0, 1] * 100})
+def test_whole_numbers_in_a_text_vocabulary_match_in_either_spelling(tmp_path):
+    col = pd.Series([1, 1.0, 2.0, "A7", 3] * 40, dtype=object)
+    df = pd.DataFrame({"c": col, "label": [0, 1] * 100})
     dm = CTRDataModule(data=df, label="label", sparse_features=["c"], dense_features=[], split_ratio=(1.0, 0.0))
-    assert sorted(map(str, dm.preprocessor.encoders["c"].categories)) == ["1", "2", "A7"]
     enc = dm.preprocessor.encoders["c"]
-    assert enc.transform(pd.Series([2.0])).tolist() == enc.transform(pd.Series([2.0, "x"], dtype=object))[:1].tolist()
+    fitted = enc.transform(col)
+    assert (fitted > 0).all()
+    # the same rows read back from a CSV as text ("1.0", "2.0"), and as numbers (a float column)
+    df.to_csv(tmp_path / "c.csv", index=False)
+    assert np.array_equal(enc.transform(pd.read_csv(tmp_path / "c.csv", dtype={"c": str})["c"]), fitted)
+    assert enc.transform(pd.Series([2.0, 3.0]))[0] == fitted[2] and enc.transform(pd.Series([2.0, 3.0]))[1] == fitted[4]
+    assert enc.transform(pd.Series(["2", "3.0", "4"])).tolist() == [fitted[2], fitted[4], 0]
 
 
 def test_mtl_integer_codes_with_a_missing_value_stay_sparse():
@@ -230,3 +258,47 @@ def test_integer_coded_categories_inferred_dense_are_named_before_the_model_fail
         DeepFM(schema=dm.schema)
     dm = CTRDataModule(data=df, label="click", sparse_features=["user_id"], dense_features=["price"])
     assert [f.name for f in DeepFM(schema=dm.schema).fm_features] == ["user_id"]
+
+
+def test_row_format_given_with_restored_preprocessing_overrides_the_checkpoints(tmp_path):
+    import torch
+
+    df = _hist_frame()
+    kw = dict(label="label", sparse_features=["user"], sequence_features=["hist"], max_len=5)
+    piped = df.assign(hist=["|".join(map(str, h)) + "|0" for h in df["hist"]])
+    dm = CTRDataModule(data=piped, sequence_pad_value=0, split_ratio=(1.0, 0.0), **kw)
+    ckpt = str(tmp_path / "dm.ckpt")
+    torch.save({"CTRDataModule": dm.state_dict()}, ckpt)
+    commas = df.assign(hist=[";".join(map(str, h)) for h in df["hist"]])  # no padding, another separator
+    commas.to_csv(tmp_path / "new.csv", index=False)
+    new = CTRDataModule(path=str(tmp_path / "new.csv"), preprocessing_from=ckpt, sequence_sep=";", **kw)
+    expected = dm.dataset("train").x["hist"]
+    assert torch.equal(new.dataset("predict").x["hist"], expected)
+    new.load_state_dict(dm.state_dict())  # what a Trainer restoring the checkpoint does
+    assert new.preprocessor.sequence_sep == ";" and new.preprocessor.sequence_pad_value == 0
+
+
+def test_read_table_keeps_pandas_options_and_reads_wide_ids_exactly(tmp_path):
+    from rechub_lightning.data.base import read_table
+
+    ids = [2**60 + i for i in range(5)]
+    pd.DataFrame({"idx": range(5), "uid": ids, "x": [0.5] * 5}).assign(uid=lambda d: d.uid.astype(object).where(d.idx != 2)).to_csv(
+        tmp_path / "w.csv", index=False)
+    exact = read_table(str(tmp_path / "w.csv"))
+    assert exact["uid"].dropna().tolist() == [ids[i] for i in (0, 1, 3, 4)]
+    assert read_table(str(tmp_path / "w.csv"), index_col=0).index.tolist() == list(range(5))
+    assert sum(len(c) for c in read_table(str(tmp_path / "w.csv"), chunksize=2)) == 5
+
+
+def test_mtl_streaming_infers_the_columns_in_memory_inference_does(tmp_path):
+    pytest.importorskip("pyarrow")
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"code": rng.integers(0, 9, 2000).astype(float), "x": rng.normal(size=2000),
+                       "a": rng.integers(0, 2, 2000), "b": rng.integers(0, 2, 2000)})
+    df.loc[1500, "code"] = np.nan  # in the last row group only
+    df.iloc[:1600].to_parquet(tmp_path / "train.parquet", row_group_size=500)
+    df.iloc[1600:].to_parquet(tmp_path / "val.parquet")
+    mem = MTLDataModule(path=str(tmp_path / "train.parquet"), val_path=str(tmp_path / "val.parquet"), labels=["a", "b"])
+    stream = MTLDataModule(path=str(tmp_path / "train.parquet"), val_path=str(tmp_path / "val.parquet"), labels=["a", "b"], streaming=True)
+    assert (mem.preprocessor.sparse, mem.preprocessor.dense) == (["code"], ["x"])
+    assert (stream.preprocessor.sparse, stream.preprocessor.dense) == (["code"], ["x"])

@@ -50,7 +50,9 @@ def read_table(path: str, text_columns: Sequence[str] = (), **kwargs: Any) -> pd
 
     ``text_columns`` of a CSV are read as text, not guessed per file: ``"02134"`` stays a zip code
     and ``"287130e0"`` a hash (a file of their own would read them as the numbers 2134 and 287130.0,
-    which match no category fitted on the text)."""
+    which match no category fitted on the text). A CSV column of whole numbers with empty cells that
+    reaches 2**53 (64-bit hashed ids), which pandas reads as float64, is read again exactly as
+    nullable integers (unless pandas options other than ``dtype`` are given)."""
     p = str(path)
     if not os.path.exists(p):
         raise FileNotFoundError(f"data file {p!r} does not exist")
@@ -71,6 +73,8 @@ def read_table(path: str, text_columns: Sequence[str] = (), **kwargs: Any) -> pd
         raise ValueError(f"data file {p!r} is not a readable {'TSV' if sep == chr(9) else 'CSV'} table: {e}") from e
     # whole numbers with an empty cell are read as float64, which merges distinct ids from 2**53 on
     # (64-bit hashed ids): read such columns again as nullable integers, exactly
+    if not isinstance(frame, pd.DataFrame) or set(kwargs) - {"dtype"}:
+        return frame  # pandas options of the caller's (chunksize, index_col...): read as asked
     given = kwargs.get("dtype") if isinstance(kwargs.get("dtype"), Mapping) else {}
     wide = [c for c in frame.columns if c not in given and _wide_whole_floats(frame[c])]
     if wide:
@@ -429,7 +433,7 @@ class TabularDataModule(L.LightningDataModule):
         seed: int = 2022,
         preprocessing_from: str | None = None,
         sequence_pad_value: Any = None,
-        sequence_sep: str = "|",
+        sequence_sep: str | None = None,
         groups: dict[str, list[str]] | None = None,
         streaming: bool = False,
         shuffle_buffer: int = 4,
@@ -448,9 +452,13 @@ class TabularDataModule(L.LightningDataModule):
         self.streaming = bool(streaming)
         self.shuffle_buffer = int(shuffle_buffer)
         self._groups = groups
-        self._sequence_sep = str(sequence_sep)
-        if not self._sequence_sep:
+        if sequence_sep is not None and not str(sequence_sep):
             raise ValueError("sequence_sep must be a non-empty string, got ''")
+        self._sequence_sep = "|" if sequence_sep is None else str(sequence_sep)
+        # how the rows are written (separator, padding) can differ from the files the restored
+        # preprocessing was fitted on: given explicitly, they override the checkpoint's
+        self._format_overrides = {k: v for k, v in (("sequence_sep", sequence_sep), ("sequence_pad_value", sequence_pad_value))
+                                  if v is not None}
 
         restored = load_preprocessing_state(preprocessing_from) if preprocessing_from else None
         # CSV columns read as text in every file: sequences, and (restored) categories fitted on text
@@ -462,7 +470,7 @@ class TabularDataModule(L.LightningDataModule):
             )
             return
         if restored is not None:
-            self.preprocessor = Preprocessor.from_state_dict(restored["preprocessor"])
+            self.preprocessor = self._restored_preprocessor(restored["preprocessor"])
             self._text_columns = _text_columns(self.preprocessor)
         frames = self._load_frames(path, data, val_path, test_path)
         self._frames = frames
@@ -489,6 +497,12 @@ class TabularDataModule(L.LightningDataModule):
             if frame is not None and len(frame) and all(c in frame.columns for c in self.labels):
                 self._labels(frame, name)
         self.schema: FeatureSchema = self.preprocessor.schema(self.labels, embed_dim, groups)
+
+    def _restored_preprocessor(self, state: Mapping[str, Any]) -> Preprocessor:
+        pre = Preprocessor.from_state_dict(state)
+        for key, value in getattr(self, "_format_overrides", {}).items():
+            setattr(pre, key, value)
+        return pre
 
     # ------------------------------------------------------------------ streaming (out-of-core Parquet)
     def _prepare_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
@@ -526,7 +540,7 @@ class TabularDataModule(L.LightningDataModule):
             "test": ParquetSource(test_path) if test_path is not None else None,
         }
         if restored is not None:
-            self.preprocessor = Preprocessor.from_state_dict(restored["preprocessor"])
+            self.preprocessor = self._restored_preprocessor(restored["preprocessor"])
             if self.task_types is None:  # type: ignore[comparison-overlap]
                 self.task_types = list(restored.get("task_types") or ["classification"] * len(self.labels))
             rank_zero_info(f"Preprocessing restored from {preprocessing_from}")
@@ -832,7 +846,7 @@ class TabularDataModule(L.LightningDataModule):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pre = Preprocessor.from_state_dict(state_dict["preprocessor"])
+        pre = self._restored_preprocessor(state_dict["preprocessor"])
         if pre.state_dict() != self.preprocessor.state_dict():
             self.preprocessor = pre
             self.schema = pre.schema(self.labels, self.embed_dim, self._groups)

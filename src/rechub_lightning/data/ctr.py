@@ -47,8 +47,9 @@ class CTRDataModule(TabularDataModule):
         dense_scaling: ``standard``, ``minmax``, ``log`` (signed log1p then standard) or ``none``.
         preprocess: encode categories (``False``: columns already hold ids).
         max_len: padded length of sequence features.
-        sequence_sep: separator of histories stored as text (``"3|17|5"``); written lists
-            (``"[3, 17, 5]"``, as ``DataFrame.to_csv`` writes a list column) are parsed too.
+        sequence_sep: separator of histories stored as text (default ``"|"``: ``"3|17|5"``; with
+            ``preprocessing_from``, the checkpoint's unless given); written lists (``"[3, 17, 5]"``,
+            as ``DataFrame.to_csv`` writes a list column, or a NumPy array's ``"[ 3 17  5]"``) are parsed too.
         sequence_pad_value: a value that pads the list-valued histories of the input (e.g. 0 in
             :func:`~rechub_lightning.data.generate_seq_feature`'s output); it is dropped, not
             encoded as an item. Histories keep their most recent ``max_len`` items, padded at the end.
@@ -110,7 +111,7 @@ class CTRDataModule(TabularDataModule):
         preprocessing_from: str | None = None,
         streaming: bool = False,
         shuffle_buffer: int = 4,
-        sequence_sep: str = "|",
+        sequence_sep: str | None = None,
         sequence_pad_value: Any = None,
     ) -> None:
         if synthetic not in _SYNTHETIC:

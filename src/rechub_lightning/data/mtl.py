@@ -74,8 +74,9 @@ class MTLDataModule(TabularDataModule):
         dense_scaling: ``standard``, ``minmax``, ``log`` or ``none``.
         preprocess: encode categories (``False``: columns already hold ids).
         max_len: padded length of sequence features.
-        sequence_sep: separator of histories stored as text (``"3|17|5"``); written lists
-            (``"[3, 17, 5]"``, as ``DataFrame.to_csv`` writes a list column) are parsed too.
+        sequence_sep: separator of histories stored as text (default ``"|"``: ``"3|17|5"``; with
+            ``preprocessing_from``, the checkpoint's unless given); written lists (``"[3, 17, 5]"``,
+            as ``DataFrame.to_csv`` writes a list column, or a NumPy array's ``"[ 3 17  5]"``) are parsed too.
         sequence_pad_value: a value that pads the list-valued histories of the input (e.g. 0 in
             :func:`~rechub_lightning.data.generate_seq_feature`'s output); it is dropped, not
             encoded as an item. Histories keep their most recent ``max_len`` items, padded at the end.
@@ -135,7 +136,7 @@ class MTLDataModule(TabularDataModule):
         preprocessing_from: str | None = None,
         streaming: bool = False,
         shuffle_buffer: int = 4,
-        sequence_sep: str = "|",
+        sequence_sep: str | None = None,
         sequence_pad_value: Any = None,
     ) -> None:
         synthetic = path is None and data is None
@@ -212,8 +213,13 @@ class MTLDataModule(TabularDataModule):
         code column with a missing value (in any split) reads as floats: whole numbers with NaN stay sparse."""
         if not pd.api.types.is_float_dtype(df[col].dtype):
             return False
-        whole = getattr(self, "_frames", {}).get("all")
-        s = whole[col] if whole is not None and col in whole.columns and len(whole) >= len(df) else df[col]
+        if self.streaming and not len(df):
+            # inferred from the Parquet schema: read this column's values (only it) to decide alike
+            parts = [f[col] for f in self._sources["train"].iter_frames([col])]
+            s = pd.concat(parts, ignore_index=True) if parts else df[col]
+        else:
+            whole = getattr(self, "_frames", {}).get("all")
+            s = whole[col] if whole is not None and col in whole.columns and len(whole) >= len(df) else df[col]
         v = s.to_numpy(dtype=np.float64, na_value=np.nan)
         finite = v[np.isfinite(v)]
         return not (bool(np.isnan(v).any()) and finite.size > 0 and bool((finite == np.round(finite)).all()))

@@ -55,13 +55,23 @@ def _canonical(s: pd.Series, numeric: bool) -> tuple[np.ndarray, np.ndarray]:
         v = s.to_numpy(dtype=np.float64, na_value=np.nan)
         out = np.where(np.isfinite(v) & (v == np.round(v)), pd.Series(v).map(lambda z: "%d" % z if np.isfinite(z) else "").to_numpy(), v.astype(str))
         return out.astype(object), miss
-    out = s.astype("string").fillna("").to_numpy(dtype=object)
-    if s.dtype == object:
-        # a mixed column's whole floats render as the numeric branch renders them: 1.0 -> "1", not "1.0"
-        raw = s.to_numpy()
-        for i in np.flatnonzero([isinstance(v, (float, np.floating)) and math.isfinite(v) and float(v).is_integer() for v in raw]):
-            out[i] = "%d" % raw[i]
-    return out, miss
+    return s.astype("string").fillna("").to_numpy(dtype=object), miss
+
+
+_WHOLE = re.compile(r"^-?\d+$")
+_WHOLE_POINT = re.compile(r"^(-?\d+)\.0+$")
+
+
+def _other_spelling(keys: np.ndarray) -> np.ndarray:
+    """``"3"`` <-> ``"3.0"``: the other spelling of a whole number in a text key (else ``""``)."""
+    out = np.full(len(keys), "", dtype=object)
+    for i, k in enumerate(keys.tolist()):
+        if isinstance(k, str):
+            if _WHOLE.match(k):
+                out[i] = k + ".0"
+            elif (m := _WHOLE_POINT.match(k)) is not None:
+                out[i] = m.group(1)
+    return out
 
 
 class CategoryEncoder:
@@ -135,6 +145,13 @@ class CategoryEncoder:
         s = values if isinstance(values, pd.Series) else pd.Series(list(values))
         keys, miss = _canonical(s, self.numeric)
         ids = self._idx().get_indexer(keys).astype(np.int64) + 1  # -1 (unknown) -> 0
+        unknown = np.flatnonzero((ids == 0) & ~miss)
+        if unknown.size and not self.numeric:
+            # a whole number fitted as text in one spelling and met in the other: 2.0 in a float
+            # column renders "2" but the fitted text was "2.0" (a mixed object column), or the reverse
+            alt = _other_spelling(keys[unknown])
+            found = self._idx().get_indexer(alt).astype(np.int64) + 1
+            ids[unknown] = np.where(alt != "", found, 0)
         if self.missing_id is not None:
             ids[miss] = self.missing_id
         else:
@@ -326,34 +343,48 @@ def _as_id_column(df: pd.DataFrame, col: str) -> np.ndarray:
 
 # ids joined by another separator: numbers joined by commas, semicolons or spaces, or tokens joined by commas
 _JOINED = re.compile(r"^-?\d+(?:\s*[,;]\s*|\s+)-?\d+(?:(?:\s*[,;]\s*|\s+)-?\d+)*$|^[^\s,]+(?:,[^\s,]+)+$")
+_INT_LIST = re.compile(r"^\s*(?:-?\d+\s*(?:,\s*-?\d+\s*)*,?)?\s*$")  # "3, 17, 5" (a written Python list)
+_ARRAY_LIST = re.compile(r"^\s*(?:-?\d+(?:\s+-?\d+)*)?\s*$")  # "3 17  5" (a written NumPy array)
 
 
-def _list_repr(text: str, name: Any) -> list[Any]:
-    """``"[3, 17, 5]"`` (a list column written to CSV by pandas) -> ``[3, 17, 5]``."""
+def _written_list(text: str) -> list[Any] | None:
+    """``"[3, 17, 5]"`` (a list column written to CSV by pandas), ``"[ 3 17  5]"`` (a NumPy array
+    column) or ``"['a', 'b']"`` -> the list; ``None`` when the text is not a written flat list."""
+    inner = text[1:-1]
+    if _INT_LIST.match(inner):
+        return [int(t) for t in inner.split(",") if t.strip()]
+    if _ARRAY_LIST.match(inner):
+        return [int(t) for t in inner.split()]
     try:
         value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = None
-    if not isinstance(value, (list, tuple)) or any(isinstance(t, (list, tuple, dict)) for t in value):
-        raise ValueError(
-            f"sequence feature {name!r} has a row {text[:80]!r} that looks like a written list but does not parse as "
-            f"one (e.g. [3, 17, 5] or ['a', 'b'])"
-        )
-    return list(value)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    if isinstance(value, (list, tuple)) and not any(isinstance(t, (list, tuple, dict, set)) for t in value):
+        return list(value)
+    return None
 
 
-def _split_sequence(values: pd.Series, sep: str, pad: Any = None) -> list[list[Any]]:
+def _pad_forms(pad: Any) -> set[Any]:
+    """``pad`` as it may be written: ``0``, ``"0"`` (text histories) alike."""
+    forms = {pad, str(pad)}
+    if isinstance(pad, str) and _WHOLE.match(pad.strip()):
+        forms.add(int(pad))
+    return forms
+
+
+def _split_sequence(values: pd.Series, sep: str, pad: Any = None, warned: set[Any] | None = None) -> list[list[Any]]:
     """One list of items per row: lists/arrays as they are, strings split on ``sep`` (or parsed when
-    they are written lists, ``"[3, 17, 5]"``), missing values empty, scalars one item."""
+    they are written lists, ``"[3, 17, 5]"``), missing values empty, scalars one item. Items equal
+    to ``pad`` (as written: ``0`` and ``"0"`` alike) are dropped."""
     out = []
-    unsplit: str | None = None  # a multi-token-looking string without the separator
+    pads = None if pad is None else _pad_forms(pad)
+    unsplit: str | None = None  # a string that looks joined by another separator
     any_sep = False
     for v in values.tolist():
         if isinstance(v, str):
             text = v.strip()
-            if len(text) >= 2 and text[0] == "[" and text[-1] == "]" and sep not in text:
-                seq = _list_repr(text, values.name)
-            else:
+            seq = _written_list(text) if len(text) >= 2 and text[0] == "[" and text[-1] == "]" else None
+            if seq is None:
                 if sep in text:
                     any_sep = True
                 elif unsplit is None and _JOINED.match(text):
@@ -372,14 +403,19 @@ def _split_sequence(values: pd.Series, sep: str, pad: Any = None) -> list[list[A
                 f"sequence feature {values.name!r} must hold a list of ids (or a string joined by {sep!r}) per row, "
                 f"found {v!r}"
             )
-        if pad is not None:
-            seq = [t for t in seq if t != pad]
+        if pads is not None:
+            seq = [t for t in seq if t not in pads]
         out.append(seq)
-    if unsplit is not None and not any_sep:
-        raise ValueError(
-            f"sequence feature {values.name!r} holds strings such as {unsplit[:80]!r} and none is joined by the sequence "
-            f"separator {sep!r}: each would be one item; pass sequence_sep with the separator the data uses (e.g. ',') "
-            f"or join the ids with {sep!r}"
+    warned = set() if warned is None else warned
+    if unsplit is not None and not any_sep and values.name not in warned:
+        # each such string becomes one item; a warning (not an error): an item may hold a comma
+        warned.add(values.name)
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(
+            f"sequence feature {values.name!r} holds strings such as {unsplit[:80]!r} and none is joined by the "
+            f"sequence separator {sep!r}: each is read as ONE item; if they are lists, pass sequence_sep with the "
+            f"separator the data uses (e.g. ',') or join the ids with {sep!r}"
         )
     return out
 
@@ -566,7 +602,8 @@ class Preprocessor:
         return self
 
     def _seqs(self, values: pd.Series) -> list[list[Any]]:
-        return _split_sequence(values, self.sequence_sep, self.sequence_pad_value)
+        warned = self.__dict__.setdefault("_warned_joined", set())  # once per column and preprocessor
+        return _split_sequence(values, self.sequence_sep, self.sequence_pad_value, warned)
 
     def vocab_size(self, col: str) -> int:
         owner = self.sequence.get(col) or col

@@ -9,6 +9,7 @@ metrics and (multi-task) the optimisation step.
 from __future__ import annotations
 
 import atexit
+import inspect
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -515,17 +516,23 @@ class RecModule(L.LightningModule):
 
     @property
     def lr(self) -> float:
-        """The dense optimizer's learning rate (``optimizer_params["lr"]``); settable, e.g. by
-        Lightning's ``Tuner.lr_find`` (the tables' rate follows it unless
-        ``embedding_optimizer_params`` sets its own)."""
-        return float(self.optimizer_params.get("lr", 1e-3))
+        """The dense optimizer's learning rate (``optimizer_params["lr"]``, else ``optimizer_fn``'s
+        default); settable, e.g. by Lightning's ``Tuner.lr_find`` (the tables' rate follows it
+        unless ``embedding_optimizer_params`` sets its own)."""
+        if "lr" in self.optimizer_params:
+            return float(self.optimizer_params["lr"])
+        try:
+            default = inspect.signature(self.optimizer_fn).parameters["lr"].default
+        except (KeyError, TypeError, ValueError):
+            default = inspect.Parameter.empty
+        return float(default) if isinstance(default, (int, float)) else 1e-3
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self.optimizer_params["lr"] = float(value)
-        hp = self._hparams.get("optimizer_params") if hasattr(self, "_hparams") else None
-        if isinstance(hp, dict):
-            hp["lr"] = float(value)  # the checkpoint's hyper-parameters rebuild the tuned optimizer
+        self.optimizer_params = {**self.optimizer_params, "lr": float(value)}
+        if hasattr(self, "_hparams"):
+            # a new dict (never the caller's): the checkpoint's hyper-parameters rebuild the tuned optimizer
+            self._hparams["optimizer_params"] = dict(self.optimizer_params)
 
     def metric_mode(self, name: str) -> str:
         """``"max"`` or ``"min"``: the direction in which metric ``name`` improves."""

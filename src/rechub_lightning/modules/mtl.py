@@ -358,6 +358,8 @@ class MTLModule(RecModule):
             if count % config.frequency:
                 continue
             if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                if not self.trainer.check_val_every_n_epoch:
+                    continue  # step-based validation: stepped after each validation (on_validation_end)
                 monitor = self.scheduler_monitor or self.monitor
                 metrics = self.trainer.callback_metrics
                 if monitor not in metrics:
@@ -368,6 +370,18 @@ class MTLModule(RecModule):
                 config.scheduler.step(metrics[monitor])
             else:
                 config.scheduler.step()  # type: ignore[call-arg]
+
+    def on_validation_end(self) -> None:
+        super().on_validation_end()
+        trainer = self.trainer
+        if self.automatic_optimization or trainer.sanity_checking or trainer.check_val_every_n_epoch:
+            return
+        # manual optimisation with validation every val_check_interval batches: the plateau reads
+        # the validation that just ran (lr_scheduler_step steps once per validation)
+        monitor = self.scheduler_monitor or self.monitor
+        for config in trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and monitor in trainer.callback_metrics:
+                self.lr_scheduler_step(config.scheduler, trainer.callback_metrics[monitor])
 
     # ------------------------------------------------------------------ optimizers / clipping
     def build_optimizer(self) -> torch.optim.Optimizer:
