@@ -114,3 +114,31 @@ def test_plateau_steps_once_per_validation_with_step_based_validation(tmp_path, 
     after = [lrs[15 * (k + 1)] for k in range(len(seen)) if 15 * (k + 1) < len(lrs)]
     assert after == expected[: len(after)]
     assert np.isclose(trainer.optimizers[0].param_groups[-1]["lr"], expected[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("validation", ["every epoch", "every 15 batches"])
+def test_resume_from_a_validation_checkpoint_keeps_the_plateau_step(tmp_path, validation):
+    """ModelCheckpoint writes at a validation, before the plateau steps on it: the resumed run
+    takes that step (it lost it: 3 plateau steps instead of 4, a higher final rate)."""
+    import glob
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(root, ckpt=None):
+        L.seed_everything(0)
+        dm = _dm(rows=3200, batch_size=256)
+        module = CTRModule(DeepFM(schema=dm.schema, mlp_params={"dims": [16]}), optimizer_params={"lr": 0.05},
+                           scheduler_fn="ReduceLROnPlateau", scheduler_params={"patience": 0, "factor": 0.5})
+        kw = dict(check_val_every_n_epoch=1) if validation == "every epoch" else dict(val_check_interval=15, check_val_every_n_epoch=None)
+        checkpoints = ModelCheckpoint(dirpath=str(root), filename="{step}", save_top_k=-1, monitor="val/auc", mode="max")
+        trainer = _trainer(root, max_epochs=4, num_sanity_val_steps=0, callbacks=[checkpoints], **kw)
+        trainer.fit(module, dm, ckpt_path=ckpt)
+        plateau = trainer.lr_scheduler_configs[0].scheduler
+        return trainer.optimizers[0].param_groups[-1]["lr"], plateau.state_dict(), module.state_dict()
+
+    lr, plateau, weights = run(tmp_path / "full")
+    first = sorted(glob.glob(str(tmp_path / "full" / "step=*.ckpt")), key=lambda p: int(p.rsplit("=", 1)[1][:-5]))[0]
+    lr2, plateau2, weights2 = run(tmp_path / "cut", first)
+    assert lr2 == lr and plateau2 == plateau
+    assert all(torch.equal(weights[k], weights2[k]) for k in weights)

@@ -397,13 +397,15 @@ class RecModule(L.LightningModule):
         trainer = self.trainer
         self._check_loaders("train", trainer.train_dataloader)
         self._tell_loaders_epoch_length()
+        self._take_pending_plateau_step()  # a resumed run: the step its checkpoint came before
         if trainer.val_dataloaders is None and trainer.enable_validation:
             # Without a sanity check the validation loaders load at the first validation, after
             # an epoch of training: load them now, as the sanity check would, and check them.
             trainer.fit_loop.epoch_loop.val_loop.setup_data()
         self._check_loaders("val", trainer.val_dataloaders)
 
-    def on_validation_end(self) -> None:
+    def on_validation_epoch_end(self) -> None:
+        # counted here, before callbacks' on_validation_end (ModelCheckpoint) see the validation
         trainer = self.trainer
         if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
             self._validations_done = getattr(self, "_validations_done", 0) + 1
@@ -561,6 +563,41 @@ class RecModule(L.LightningModule):
         checkpoint["rechub_rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             checkpoint["rechub_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        pending = self._pending_plateau_metric()
+        if pending is not None:
+            checkpoint["rechub_plateau_pending"] = pending
+
+    def _pending_plateau_metric(self) -> float | None:
+        """The metric of a validation whose ReduceLROnPlateau step is still to come (``None``: none).
+
+        ModelCheckpoint writes at the end of validation, before Lightning (or, under manual
+        optimisation, ``on_train_epoch_end``) steps the plateau with it; a run resumed from that
+        checkpoint starts after that point, so the step is saved and taken at the restart."""
+        trainer = self._trainer
+        if trainer is None or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return None
+        if getattr(self, "_validations_done", 0) <= getattr(self, "_plateau_stepped_after", 0):
+            return None
+        plateaus = [c for c in trainer.lr_scheduler_configs if isinstance(c.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)]
+        if not plateaus:
+            return None
+        if trainer.check_val_every_n_epoch:
+            # epoch-interval plateaus step after the validation that ends an epoch they step on
+            config = plateaus[0]
+            ends_epoch = trainer.fit_loop.epoch_loop._num_ready_batches_reached()
+            if config.interval != "epoch" or not ends_epoch or (trainer.current_epoch + 1) % config.frequency:
+                return None
+        value = trainer.callback_metrics.get(self.scheduler_monitor or self.monitor)
+        return None if value is None else float(value)
+
+    def _take_pending_plateau_step(self) -> None:
+        pending, self._plateau_pending = getattr(self, "_plateau_pending", None), None
+        if pending is None:
+            return
+        for config in self.trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                config.scheduler.step(pending)
+        self._plateau_stepped_after = getattr(self, "_validations_done", 0)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # called before the weights load: a checkpoint of another network would otherwise fail
@@ -575,6 +612,7 @@ class RecModule(L.LightningModule):
             )
         if theirs and ours:
             self._check_same_build(spec, checkpoint.get("state_dict") or {})
+        self._plateau_pending = checkpoint.get("rechub_plateau_pending")
         rng = checkpoint.get("rechub_rng")
         if rng and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             torch.set_rng_state(rng["torch"])

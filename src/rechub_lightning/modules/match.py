@@ -739,6 +739,7 @@ class MatchModule(RecModule):
         self._eval_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
         self._log_topk("val")
 
     def on_test_epoch_start(self) -> None:

@@ -367,12 +367,11 @@ class MTLModule(RecModule):
                         f"ReduceLROnPlateau monitors {monitor!r}, which was not logged (is there a validation loop?); "
                         f"available: {sorted(metrics)}; set scheduler_monitor"
                     )
-                config.scheduler.step(metrics[monitor])
+                self.lr_scheduler_step(config.scheduler, metrics[monitor])
             else:
                 config.scheduler.step()  # type: ignore[call-arg]
 
     def on_validation_end(self) -> None:
-        super().on_validation_end()
         trainer = self.trainer
         if self.automatic_optimization or trainer.sanity_checking or trainer.check_val_every_n_epoch:
             return
