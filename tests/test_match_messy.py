@@ -139,3 +139,22 @@ def test_esmm_rows_to_predict_need_no_label_columns(tmp_path):
     without = np.concatenate([p.numpy() for p in trainer.predict(module, MTLDataModule(data=rows, preprocessing_from=ckpt, **kw))])
     assert without.shape == (30, 3) and np.array_equal(without, with_labels)
     assert torch.isfinite(torch.as_tensor(without)).all()
+
+
+def test_users_left_out_of_the_topk_metrics_are_counted(tmp_path, caplog):
+    import logging
+
+    from rechub_lightning.models.matching import DSSM
+
+    rows = [{"user_id": u, "movie_id": (u * 7 + t) % 25, "timestamp": t} for u in range(30) for t in range(5)]
+    rows += [{"user_id": u, "movie_id": 100 + u, "timestamp": 9} for u in range(4)]  # 4 users' test item: never trained on
+    dm = MatchDataModule(data=pd.DataFrame(rows), mode=0, neg_ratio=1, seq_max_len=4, batch_size=32, user_feature_cols=[],
+                         item_feature_cols=[])
+    expected = int((dm.dataset("test").y < 0).sum())
+    assert expected >= 4
+    module = MatchModule(DSSM(schema=dm.schema, user_params={"dims": [8]}, item_params={"dims": [8]}), mode=0)
+    trainer = _quiet_trainer(tmp_path, num_sanity_val_steps=0)
+    trainer.fit(module, dm)
+    with caplog.at_level(logging.INFO):
+        trainer.test(module, dm, verbose=False)
+    assert f"test: {expected} of 30 users are not in the top-K metrics" in caplog.text

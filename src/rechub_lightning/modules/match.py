@@ -720,7 +720,11 @@ class MatchModule(RecModule):
         if y is None:
             raise ValueError(f"{stage} batches must be (users, held-out item ids)")
         metric = self.val_topk if stage == "val" else self.test_topk
-        metric.update(top, y.reshape(top.shape[0], -1).long())
+        target = y.reshape(top.shape[0], -1).long()
+        metric.update(top, target)
+        counts = self.__dict__.setdefault("_unscored", {}).setdefault(stage, [0, 0])
+        counts[0] += int((target < 0).all(dim=1).sum())  # no held-out item in the corpus: not scored
+        counts[1] += int(target.shape[0])
 
     def _log_topk(self, stage: str) -> None:
         if self._eval_kind.get(stage) != "topk":
@@ -731,6 +735,15 @@ class MatchModule(RecModule):
         for name, value in values.items():
             self.log(f"{stage}/{name}", float(value), prog_bar=stage == "val" and name == "recall@10", sync_dist=False)
         self._corpus = None
+        unscored, users = self.__dict__.get("_unscored", {}).pop(stage, (0, 0))
+        reported = self.__dict__.setdefault("_unscored_reported", set())
+        if unscored and stage not in reported:  # once per stage: the split does not change
+            reported.add(stage)
+            where = " (this process's users)" if self._world_size() > 1 else ""
+            rank_zero_info(
+                f"{stage}: {unscored} of {users} users{where} are not in the top-K metrics: their held-out item is "
+                f"not in the item corpus (no training interaction)"
+            )
 
     def on_validation_epoch_start(self) -> None:
         self._prepare_eval("val")
