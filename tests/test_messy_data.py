@@ -302,3 +302,15 @@ def test_mtl_streaming_infers_the_columns_in_memory_inference_does(tmp_path):
     stream = MTLDataModule(path=str(tmp_path / "train.parquet"), val_path=str(tmp_path / "val.parquet"), labels=["a", "b"], streaming=True)
     assert (mem.preprocessor.sparse, mem.preprocessor.dense) == (["code"], ["x"])
     assert (stream.preprocessor.sparse, stream.preprocessor.dense) == (["code"], ["x"])
+
+
+def test_preprocess_false_ids_outside_the_vocabulary_fail_before_training(tmp_path):
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"c": rng.integers(0, 50, 500), "d": rng.normal(size=500), "label": rng.integers(0, 2, 500)})
+    df.iloc[:400].to_csv(tmp_path / "train.csv", index=False)
+    test = df.iloc[400:].copy()
+    test.iloc[7, 0] = 50  # past the training ids' vocabulary (max + 1 = 50)
+    test.to_csv(tmp_path / "test.csv", index=False)
+    kw = dict(label="label", preprocess=False, sparse_features=["c"], dense_features=["d"])
+    with pytest.raises(ValueError, match=r"sparse feature 'c' in test data has id 50 outside \[0, 50\)"):
+        CTRDataModule(path=str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"), **kw)

@@ -478,10 +478,21 @@ class Preprocessor:
             raise KeyError(f"feature column(s) {missing} not found in {what}; available columns: {list(df.columns)}")
 
     def check_dtypes(self, df: pd.DataFrame, what: str = "data") -> None:
-        """Fail early on dense columns holding text or infinities (all rows, not only training rows)."""
+        """Fail early on dense columns holding text or infinities (all rows, not only training rows),
+        and, with preprocessing off, on ids that are missing, fractional or outside the vocabulary."""
         self.check_columns(df, what)
         for col in self.dense:
             _as_numeric_column(df, col)  # raises on text and on infinite values
+        if not self.encode and self.fitted:
+            for col in self.sparse:
+                ids = _as_id_column(df, col)  # raises on missing and fractional ids
+                vocab = self.vocab_size(col)
+                bad = ids[(ids < 0) | (ids >= vocab)]
+                if bad.size:
+                    raise ValueError(
+                        f"sparse feature {col!r} in {what} has id {int(bad[0])} outside [0, {vocab}) (vocab_size={vocab}; "
+                        f"preprocess=False uses the ids as they are)"
+                    )
 
     def fit(self, df: pd.DataFrame) -> Preprocessor:
         """Fit on the whole training frame: :meth:`partial_fit` on one chunk + :meth:`finish_fit`."""
