@@ -373,8 +373,9 @@ def encode_labels(frame: pd.DataFrame, labels: Sequence[str], task_types: Sequen
 
 
 def _first_value(s: pd.Series) -> Any:
-    present = s.dropna()
-    return present.iloc[0] if len(present) else None
+    present = s.notna().to_numpy()
+    first = int(present.argmax()) if len(present) else 0
+    return s.iloc[first] if len(present) and present[first] else None
 
 
 def _holds_lists(s: pd.Series) -> bool:

@@ -26,7 +26,6 @@ The :class:`~rechub_lightning.features.FeatureSchema` (groups ``user``, ``item``
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,7 +40,7 @@ from ..features import DenseFeature, Feature, FeatureSchema, SequenceFeature, Sp
 from .base import as_frame, load_preprocessing_state, read_table, validate_batch_tensors
 from .datasets import TensorDictDataset, check_int, make_dataloader
 from .preprocessing import CategoryEncoder
-from .sequence import _redraw_collisions, check_time_column, gen_model_input, generate_seq_feature_match, time_order_key
+from .sequence import _redraw_collisions, gen_model_input, generate_seq_feature_match, time_order_key
 from .synthetic_seq import make_movielens_like
 
 __all__ = ["MatchDataModule", "SeenItemsDataset", "SEEN_ITEMS_KEY"]
@@ -240,7 +239,6 @@ class MatchDataModule(L.LightningDataModule):
         missing = [c for c in dict.fromkeys(needed) if c not in frame.columns]
         if missing:
             raise KeyError(f"column(s) {missing} not found in the interactions; columns are {list(frame.columns)}")
-        check_time_column(frame[time_col], time_col)
         if frame[item_col].isna().any():
             # A missing item would become a pseudo-item of the corpus, trained on and recommended.
             raise ValueError(f"item column {item_col!r} has {int(frame[item_col].isna().sum())} missing value(s)")
@@ -273,15 +271,11 @@ class MatchDataModule(L.LightningDataModule):
             raise ValueError("give either path or data, not both")
         if data is not None:
             return as_frame(data)
-        if path is None:
-            return self.default_frame()
-        if str(path).lower().endswith((".parquet", ".pq")) or os.path.isdir(str(path)):
-            return read_table(path)  # typed already
-        header = read_table(path, nrows=0).columns
-        return read_table(path, [c for c in dict.fromkeys(text_columns) if c in header])
+        return read_table(path, text_columns) if path is not None else self.default_frame()
 
     def _split(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Sorted by user then time (stable) with ``_rank``: 0 = last interaction (test), 1 = validation."""
+        """Sorted by user then time (stable) with ``_rank`` (0 = last interaction (test), 1 =
+        validation) and ``_time``, the times as codes in time order (text times parsed once)."""
         frame = frame.reset_index(drop=True)
         users = pd.factorize(frame[self.user_col], sort=True)[0]
         if (users < 0).any():
@@ -293,7 +287,7 @@ class MatchDataModule(L.LightningDataModule):
         counts = np.bincount(u)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         pos = np.arange(len(frame)) - starts[u]
-        return frame.assign(_user=u, _pos=pos, _rank=counts[u] - 1 - pos)
+        return frame.assign(_user=u, _pos=pos, _rank=counts[u] - 1 - pos, _time=times[order])
 
     # ------------------------------------------------------------------ schema
     def _vocab(self, col: str) -> int:
@@ -338,12 +332,11 @@ class MatchDataModule(L.LightningDataModule):
     def _profiles(self) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, np.ndarray]]:
         """User profile, item profile (training items) and item id -> attribute id arrays."""
         enc = self._encoded()
-        # a user's / an item's attributes: those of the most recent training interaction (the
-        # frame is sorted by user, then time)
-        # (joined on the encoded user id: users sharing the unknown id 0 under min_freq join once)
+        # a user's / an item's attributes: those of the most recent training interaction; joined on
+        # the encoded user id (users sharing the unknown id 0 under min_freq join once)
         user_profile = self._user_attributes()[[self.user_col, *self.user_feature_cols]].drop_duplicates(self.user_col, keep="last")
         train = enc[(enc["_rank"] >= 2) & (enc[self.item_col] > 0)]
-        by_time = np.argsort(pd.factorize(time_order_key(train[self.time_col], self.time_col), sort=True)[0], kind="stable")
+        by_time = np.argsort(train["_time"].to_numpy(), kind="stable")
         item_profile = train.iloc[by_time][[self.item_col, *self.item_feature_cols]].drop_duplicates(self.item_col, keep="last")
         item_profile = item_profile.sort_values(self.item_col).reset_index(drop=True)
         vocab = self._vocab(self.item_col)
@@ -388,11 +381,11 @@ class MatchDataModule(L.LightningDataModule):
     def _train_samples(self) -> pd.DataFrame:
         """Training rows of ``generate_seq_feature_match`` plus each user's last training target."""
         enc = self._encoded()
-        train = enc.loc[(enc["_rank"] >= 2) & (enc[self.item_col] > 0), [self.user_col, self.item_col, self.time_col]]
+        train = enc.loc[(enc["_rank"] >= 2) & (enc[self.item_col] > 0), [self.user_col, self.item_col, "_time"]]
         mode, ratio = self.mode, self.neg_ratio
         gen_mode = 0 if (mode == 2 and ratio == 0) else mode
         rows, last = generate_seq_feature_match(
-            train, self.user_col, self.item_col, self.time_col,
+            train, self.user_col, self.item_col, "_time",  # time codes: the same order, parsed once
             sample_method=self.sample_method, mode=gen_mode, neg_ratio=ratio, seed=self.seed,
         )
         last = last[last["histlen_" + self.item_col] > 0].reset_index(drop=True)

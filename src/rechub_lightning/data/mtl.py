@@ -74,12 +74,8 @@ class MTLDataModule(TabularDataModule):
         dense_scaling: ``standard``, ``minmax``, ``log`` or ``none``.
         preprocess: encode categories (``False``: columns already hold ids).
         max_len: padded length of sequence features.
-        sequence_sep: separator of histories stored as text (default ``"|"``: ``"3|17|5"``; with
-            ``preprocessing_from``, the checkpoint's unless given); written lists (``"[3, 17, 5]"``,
-            as ``DataFrame.to_csv`` writes a list column, or a NumPy array's ``"[ 3 17  5]"``) are parsed too.
-        sequence_pad_value: a value that pads the list-valued histories of the input (e.g. 0 in
-            :func:`~rechub_lightning.data.generate_seq_feature`'s output); it is dropped, not
-            encoded as an item. Histories keep their most recent ``max_len`` items, padded at the end.
+        sequence_sep, sequence_pad_value: how histories are written (separator of text histories;
+            a padding value to drop), as in :class:`~rechub_lightning.data.CTRDataModule`.
         split_ratio: ``(train, val)`` fractions of ``path``/``data``; the rest is test. With
             ``test_path`` alone, ``path`` is split into train and val in this proportion.
         batch_size: training batch size.

@@ -123,29 +123,29 @@ def _require_columns(data: pd.DataFrame, cols: Iterable[str]) -> None:
         raise ValueError(f"data has no column(s) {missing}; columns are {list(data.columns)}")
 
 
-def check_time_column(s: pd.Series, name: str) -> None:
-    """A time column must sort as times: no missing values, and not a mix of numbers and text
-    (a text ``"50"`` would sort after the number 100, reordering a user's events)."""
-    if s.isna().any():
-        raise ValueError(f"time column {name!r} has {int(s.isna().sum())} missing value(s)")
-    if s.dtype == object and len(s):
-        kinds = {"number" if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
-                 else "text" if isinstance(v, str) else type(v).__name__ for v in s.tolist()}
-        if len(kinds) > 1:
-            examples = {k: next(v for v in s.tolist() if ("number" if isinstance(v, (int, float, np.number)) and not
-                        isinstance(v, bool) else "text" if isinstance(v, str) else type(v).__name__) == k) for k in kinds}
-            raise TypeError(
-                f"time column {name!r} mixes {sorted(kinds)} values (e.g. {examples}), which do not sort as times; "
-                f"convert it to one type (e.g. pd.to_numeric or pd.to_datetime)"
-            )
+def _time_kind(v: Any) -> str:
+    if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
+        return "number"
+    return "text" if isinstance(v, str) else type(v).__name__
 
 
 def time_order_key(s: pd.Series, name: str | None = None) -> pd.Series:
     """Values that sort as the times of column ``s``: numbers and datetimes as they are, text
     parsed as numbers (``"998"`` before ``"1000"``) or else as dates (``"12/30/2021"`` before
-    ``"01/02/2022"``; month first when ambiguous); text that is neither is an error."""
+    ``"01/02/2022"``; month first when ambiguous). Missing times, text that is neither, and a mix
+    of numbers and text (a text ``"50"`` would sort after the number 100) are errors."""
     name = s.name if name is None else name
-    check_time_column(s, name)
+    if s.isna().any():
+        raise ValueError(f"time column {name!r} has {int(s.isna().sum())} missing value(s)")
+    if s.dtype == object and len(s):
+        examples: dict[str, Any] = {}
+        for v in s.tolist():
+            examples.setdefault(_time_kind(v), v)
+        if len(examples) > 1:
+            raise TypeError(
+                f"time column {name!r} mixes {sorted(examples)} values (e.g. {examples}), which do not sort as times; "
+                f"convert it to one type (e.g. pd.to_numeric or pd.to_datetime)"
+            )
     if not (s.dtype == object or pd.api.types.is_string_dtype(s.dtype)) or len(s) == 0:
         return s
     num = pd.to_numeric(s, errors="coerce")
@@ -163,10 +163,9 @@ def time_order_key(s: pd.Series, name: str | None = None) -> pd.Series:
         ) from None
 
 
-def _check_events(data: pd.DataFrame, item_col: str, time_col: str) -> None:
-    """Refuse interactions whose item is missing (it would become a pseudo-item, trained on and
-    sampled as a negative) or whose times do not sort."""
-    check_time_column(data[time_col], time_col)
+def _check_items(data: pd.DataFrame, item_col: str) -> None:
+    """Refuse interactions whose item is missing: it would become a pseudo-item, trained on and
+    sampled as a negative (the times are checked where they are sorted, :func:`time_order_key`)."""
     n_missing = int(data[item_col].isna().sum())
     if n_missing:
         raise ValueError(f"item column {item_col!r} has {n_missing} missing value(s); drop those rows or fill them")
@@ -179,9 +178,8 @@ def _codes(s: pd.Series) -> np.ndarray:
 
 def _stable_time_order(s: pd.Series) -> np.ndarray:
     """Row order sorted by time, ties kept in input order (text parsed as numbers or dates)."""
-    if not s.isna().any():
-        s = time_order_key(s)
-    if pd.api.types.is_numeric_dtype(s.dtype) and not s.isna().any():
+    s = time_order_key(s)
+    if pd.api.types.is_numeric_dtype(s.dtype):
         return np.argsort(s.to_numpy(), kind="stable")
     return np.argsort(_codes(s), kind="stable")
 
@@ -360,29 +358,22 @@ def _checked_cast(values: np.ndarray, dtype: Any, what: str = "sequences") -> np
     target = np.dtype(dtype)
     if target.kind not in "iu" or values.dtype == target or values.size == 0:
         return values.astype(target, copy=False)
-    if values.dtype.kind in "iub":
-        info = np.iinfo(target)
-        bad = (values < info.min) | (values > info.max)
-        if bad.any():
-            raise ValueError(
-                f"{what} hold id {values[bad][0].item()!r} outside the range of dtype={target.name} "
-                f"[{info.min}, {info.max}]; pass dtype='int64'"
-            )
-        return values.astype(target)
+    if values.dtype == object:
+        values = np.asarray(values.tolist())  # its values' own type (ints, floats)
+    if values.dtype.kind not in "iubf":
+        raise ValueError(f"{what} hold values that are not integer ids (e.g. {values.reshape(-1)[0]!r}) for dtype={target.name}")
     if values.dtype.kind == "f":
-        v = values
-        bad = ~np.isfinite(v) | (v != np.floor(v))
+        bad = ~np.isfinite(values) | (values != np.floor(values))
         if bad.any():
-            raise ValueError(f"{what} hold non-integer value {v[bad][0].item()!r}; dtype={target.name} would truncate it")
-        info = np.iinfo(target)
-        out = (v < info.min) | (v > info.max)
-        if out.any():
-            raise ValueError(f"{what} hold id {v[out][0].item()!r} outside the range of dtype={target.name}; pass dtype='int64'")
-        return v.astype(target)
-    inferred = np.asarray(values.tolist())  # an object array: its values' own type (ints, floats)
-    if inferred.dtype.kind in "iuf":
-        return _checked_cast(inferred, target, what)
-    raise ValueError(f"{what} hold values that are not integer ids (e.g. {values.reshape(-1)[0]!r}) for dtype={target.name}")
+            raise ValueError(f"{what} hold non-integer value {values[bad][0].item()!r}; dtype={target.name} would truncate it")
+    info = np.iinfo(target)
+    bad = (values < info.min) | (values > info.max)
+    if bad.any():
+        raise ValueError(
+            f"{what} hold id {values[bad][0].item()!r} outside the range of dtype={target.name} [{info.min}, {info.max}]; "
+            f"pass dtype='int64'"
+        )
+    return values.astype(target)
 
 
 def pad_sequences(
@@ -690,7 +681,7 @@ def generate_seq_feature(
     """
     attrs = list(item_attribute_cols or [])
     _require_columns(data, [user_col, item_col, time_col, *attrs])
-    _check_events(data, item_col, time_col)
+    _check_items(data, item_col)
     max_len = _check_max_len(max_len)
     rng = _py_rng(seed)
     ev = _user_events(data, user_col, item_col, time_col, attrs, int(min_item), rng)
@@ -765,7 +756,7 @@ def create_seq_features(
     """
     feats = [seq_feature_col] if isinstance(seq_feature_col, str) else list(seq_feature_col)
     _require_columns(data, dict.fromkeys([*_CSF_COLUMNS, *feats]))
-    _check_events(data, "item_id", "time")
+    _check_items(data, "item_id")
     max_len = _check_max_len(max_len)
     if int(drop_short) < 0:
         raise ValueError(f"drop_short must be >= 0, got drop_short={drop_short}")
@@ -1002,7 +993,7 @@ def generate_seq_feature_match(
     if neg_ratio < 0:
         raise ValueError(f"neg_ratio must be >= 0, got neg_ratio={neg_ratio}")
     _require_columns(data, [user_col, item_col, time_col, *attrs])
-    _check_events(data, item_col, time_col)
+    _check_items(data, item_col)
     py_rng = _py_rng(seed)
     rs = _np_rng(seed)
 

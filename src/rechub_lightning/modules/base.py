@@ -18,8 +18,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from ..losses import RegularizationLoss
@@ -96,7 +96,6 @@ def clip_sparse_aware_(params: list[nn.Parameter], clip_val: float, algorithm: s
     return total
 
 
-
 def _is_compiled(model: nn.Module) -> bool:
     """Whether ``model`` is a ``torch.compile`` wrapper (``OptimizedModule``)."""
     return isinstance(getattr(model, "_orig_mod", None), nn.Module)
@@ -114,6 +113,7 @@ def _add_compile_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: s
     plain = prefix + "model."
     for key in [k for k in state_dict if k.startswith(plain) and not k.startswith(prefix + _COMPILED_PREFIX)]:
         state_dict[prefix + _COMPILED_PREFIX + key[len(plain):]] = state_dict.pop(key)
+
 
 class RecModule(L.LightningModule):
     """Base LightningModule of rechub-lightning.
