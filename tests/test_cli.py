@@ -133,3 +133,82 @@ def test_feature_arguments_take_lists_of_column_names(tmp_path):
     model = build_model(spec)
     assert [f.name for f in model.fm_features] == ["C1", "C2"]
     assert [f.name for f in model.deep_features] == ["C1", "C2", "I1"]
+
+
+@pytest.mark.parametrize("sub", ["validate", "test", "predict"])
+def test_evaluating_without_a_checkpoint_is_refused(sub, tmp_path):
+    """`rechub predict` without --ckpt_path wrote the predictions of an untrained model."""
+    with pytest.raises(ValueError, match=rf"rechub {sub} needs --ckpt_path.*untrained"):
+        main([sub, "--config", "configs/ctr/deepfm.yaml", *TINY, f"--trainer.default_root_dir={tmp_path}"])
+
+
+def test_lightning_cli_optimizer_options_are_not_offered(tmp_path):
+    """LightningCLI's --optimizer replaced the module's optimizers (and failed at the first step on
+    sparse gradients); --lr_scheduler was ignored. The module's own arguments say both."""
+    for extra in (["--optimizer=torch.optim.Adam"], ["--lr_scheduler=torch.optim.lr_scheduler.StepLR"]):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", "configs/ctr/deepfm.yaml", *TINY, f"--trainer.default_root_dir={tmp_path}", *extra])
+
+
+def test_ckpt_path_best_in_a_new_process_is_the_runs_best(fitted, tmp_path):
+    import rechub_lightning.cli as cli
+
+    root, best = fitted
+    seen = {}
+
+    def grab(self):
+        seen["ckpt"] = self.config[self.config.subcommand]["ckpt_path"]
+
+    cli.RecHubCLI.after_test = grab
+    try:
+        main(["test", "--config", "configs/ctr/deepfm.yaml", *TINY, f"--trainer.default_root_dir={root}", "--ckpt_path=best"])
+    finally:
+        del cli.RecHubCLI.after_test
+    assert seen["ckpt"] == best
+    with pytest.raises(FileNotFoundError, match="--ckpt_path best"):
+        main(["test", "--config", "configs/ctr/deepfm.yaml", *TINY, f"--trainer.default_root_dir={tmp_path}", "--ckpt_path=best"])
+
+
+def test_resume_continues_the_run_folder_and_its_best_checkpoint(tmp_path):
+    """`fit --ckpt_path last` went to a new version folder: ModelCheckpoint dropped the run's best
+    score (a later, worse epoch became "best") and the learning curve started over."""
+    args = ["fit", "--config", "configs/ctr/deepfm.yaml", *TINY, f"--trainer.default_root_dir={tmp_path}"]
+    main([*args, "--trainer.max_epochs=1"])
+    main([*args, "--trainer.max_epochs=3", "--ckpt_path=last"])
+    runs = glob.glob(str(tmp_path / "**" / "version_*"), recursive=True)
+    assert len(runs) == 1
+    metrics = pd.read_csv(glob.glob(str(tmp_path / "**" / "metrics.csv"), recursive=True)[0])
+    val = metrics.dropna(subset=["val/auc"])
+    assert sorted(val["epoch"].astype(int)) == [0, 1, 2]  # the whole run's curve
+    last = torch.load(glob.glob(str(tmp_path / "**" / "last.ckpt"), recursive=True)[0], weights_only=True)
+    state = [v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint")][0]
+    assert float(state["best_model_score"]) == pytest.approx(val["val/auc"].max(), abs=1e-6)
+    best_epoch = int(val.loc[val["val/auc"].idxmax(), "epoch"])
+    assert state["best_model_path"].endswith(f"best-epoch{best_epoch:02d}.ckpt")
+
+
+def test_predict_id_columns_keep_their_text(fitted, tmp_path):
+    """Ids like "000123" were read as the number 123 (and "0012" and "012" became one id)."""
+    from rechub_lightning.data import CTRDataModule
+
+    root, best = fitted
+    raw = CTRDataModule(synthetic_rows=4000, synthetic_max_vocab=500).raw_frame("test").drop(columns=["label"]).head(50)
+    ids = [f"{i:06d}" for i in range(48)] + ["0012", "012"]
+    raw.insert(0, "order_id", ids)
+    csv = tmp_path / "new.csv"
+    raw.to_csv(csv, index=False)
+    out = tmp_path / "preds.csv"
+    main(["predict", "--config", "configs/ctr/deepfm.yaml", *TINY, f"--trainer.default_root_dir={tmp_path}",
+          f"--ckpt_path={best}", f"--data.init_args.path={csv}", f"--predict_output={out}", "--predict_id_columns=[order_id]"])
+    assert list(pd.read_csv(out, dtype={"order_id": str})["order_id"]) == ids
+
+
+def test_csv_log_follows_the_chosen_loggers_folder(tmp_path):
+    """With --trainer.logger TensorBoardLogger --trainer.logger.save_dir X, metrics.csv went under
+    default_root_dir, where `rechub report X` did not find it."""
+    pytest.importorskip("tensorboardX")
+    main(["fit", "--config", "configs/ctr/deepfm.yaml", *TINY, "--trainer.max_epochs=1",
+          f"--trainer.default_root_dir={tmp_path / 'root'}", "--trainer.logger=TensorBoardLogger",
+          f"--trainer.logger.save_dir={tmp_path / 'tb'}"])
+    assert glob.glob(str(tmp_path / "tb" / "**" / "metrics.csv"), recursive=True)
+    assert not glob.glob(str(tmp_path / "root" / "**" / "metrics.csv"), recursive=True)

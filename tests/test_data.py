@@ -67,10 +67,21 @@ def test_training_order_reshuffles_per_epoch_and_is_reproducible():
     assert torch.equal(torch.cat(list(s2)), e1)
 
 
-@pytest.mark.parametrize("n,world", [(101, 2), (10, 3), (7, 8)])
+@pytest.mark.parametrize("n,world", [(101, 2), (10, 3), (8, 8)])
 def test_eval_batches_never_pad_or_repeat(n, world):
-    parts = [torch.cat(list(UnrepeatedBatchSampler(n, 4, num_replicas=world, rank=r)) or [torch.empty(0, dtype=torch.long)]) for r in range(world)]
+    parts = [torch.cat(list(UnrepeatedBatchSampler(n, 4, num_replicas=world, rank=r))) for r in range(world)]
+    assert all(len(p) for p in parts)  # every rank has rows: Lightning skips a rank without batches
     assert torch.equal(torch.cat(parts), torch.arange(n))  # contiguous slices, input order
+
+
+def test_eval_batches_fewer_rows_than_processes_refused_on_every_rank():
+    """7 rows for 8 processes: rank 7 had no batch, Lightning refused its loader there alone
+    (or, allowed, skipped its epoch hooks and left the others waiting in the metric sync). Every
+    rank now raises the same error, naming the rows, the processes and the way out."""
+    for rank in range(8):
+        with pytest.raises(ValueError, match=r"7 row\(s\) for 8 processes.*--trainer.devices"):
+            len(UnrepeatedBatchSampler(7, 4, num_replicas=8, rank=rank))
+    assert len(UnrepeatedBatchSampler(0, 4, num_replicas=8, rank=3)) == 0  # no rows at all: Lightning's own warning
 
 
 def test_dataloader_yields_gathered_batches():

@@ -53,6 +53,17 @@ def test_ddp_predictions_written_once_per_row_in_order(ddp_out):
 
 
 @pytest.mark.slow
+def test_ddp_predictions_of_a_plain_dataloader_land_on_their_rows(ddp_out):
+    """A plain DataLoader (Torch-RecHub's PredictDataset) is re-sampled by Lightning under DDP so
+    that rank r reads rows r, r + 2, ...; the writer put rank 0's rows first (row 1 got row 2's
+    prediction). It now orders them by the batch indices Lightning records."""
+    a, b = pd.read_csv(ddp_out / "single_plain.csv"), pd.read_csv(ddp_out / "ddp_plain.csv")
+    assert len(a) == len(b) == 301
+    assert list(b["row"]) == list(range(301))
+    assert (a["pred"] - b["pred"]).abs().max() < 1e-6
+
+
+@pytest.mark.slow
 def test_ddp_training_batches_disjoint(ddp_out):
     seen = [torch.load(ddp_out / f"rows{r}.pt") for r in range(2)]
     r0, r1 = set(seen[0]["rows"]), set(seen[1]["rows"])
@@ -152,3 +163,36 @@ def test_in_batch_logits_with_explicit_positive_columns_matches_square_case():
     assert torch.equal(square, rect)
     with pytest.raises(ValueError, match="positive"):
         in_batch_logits(full[rows], 3)
+
+
+def test_plain_loader_padded_by_distributed_sampler_is_named():
+    """Under DDP Lightning gives a plain validation DataLoader a DistributedSampler, which repeats
+    rows to even out the ranks: the metrics then count them twice. The module says how many."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from rechub_lightning.data import TorchDataset
+
+    dm = CTRDataModule(synthetic_rows=400, synthetic_max_vocab=50)
+    module = CTRModule(DCNv2(schema=dm.schema, n_cross_layers=1, mlp_params=MLP))
+    ds = TorchDataset({"C1": torch.zeros(199, dtype=torch.long)}, torch.zeros(199))
+    padded = DataLoader(ds, batch_size=37, sampler=DistributedSampler(ds, num_replicas=2, rank=0, shuffle=False))
+    with pytest.warns(UserWarning, match="repeats 1 of its 199 rows.*count those rows twice"):
+        module._warn_padded_sampler(padded, "val")
+    even = DataLoader(ds, batch_size=37, sampler=DistributedSampler(ds, num_replicas=1, rank=0, shuffle=False))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module._warn_padded_sampler(even, "val")  # nothing repeated: nothing said
+
+
+def test_gather_predictions_orders_rows_by_lightnings_batch_indices():
+    """One process, batches recorded out of order (a plain loader's indices): rows come back in
+    dataset order; without indices (our loaders record none) the batches stay as they came."""
+    from rechub_lightning.prediction import gather_predictions
+
+    preds = [torch.tensor([0.3, 0.1]), torch.tensor([0.2, 0.0])]
+    indices = [[[3, 1], [2, 0]]]  # per dataloader, per batch
+    assert gather_predictions(preds, indices).tolist() == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert gather_predictions(preds, [[]]).tolist() == pytest.approx([0.3, 0.1, 0.2, 0.0])
+    assert gather_predictions(preds).tolist() == pytest.approx([0.3, 0.1, 0.2, 0.0])

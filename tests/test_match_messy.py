@@ -158,3 +158,25 @@ def test_users_left_out_of_the_topk_metrics_are_counted(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         trainer.test(module, dm, verbose=False)
     assert f"test: {expected} of 30 users are not in the top-K metrics" in caplog.text
+
+
+def test_held_out_item_ids_stay_exact_integers():
+    from rechub_lightning.data.match import SEEN_ITEMS_KEY, SeenItemsDataset
+
+    # float32 labels would turn 2**24 + 1 into 2**24: another item scored as the held-out one
+    ids = np.array([2**24 + 1, 2**40 + 3, -1, 7], dtype=np.int64)
+    ds = SeenItemsDataset({"user_id": np.arange(1, 5)}, ids, np.array([0, 1, 1, 2, 2]), np.array([5, 6]))
+    assert ds.y.dtype == torch.long and ds.y.tolist() == ids.tolist()
+    x, y = ds[[1, 0, 2]]
+    assert y.tolist() == [2**40 + 3, 2**24 + 1, -1] and x[SEEN_ITEMS_KEY].tolist() == [[0], [5], [6]]
+    assert ds[0][1].item() == 2**24 + 1
+    with pytest.raises(ValueError, match="whole numbers"):
+        SeenItemsDataset({"user_id": np.arange(1, 3)}, np.array([1.5, 2.0]), np.array([0, 0, 0]), np.array([], dtype=np.int64))
+
+    # the datamodule's validation/test labels: int64 held-out ids equal to the encoded items
+    rows = [{"user_id": u, "movie_id": (u * 3 + t) % 11, "timestamp": t} for u in range(6) for t in range(5)]
+    dm = MatchDataModule(data=pd.DataFrame(rows), mode=2, neg_ratio=1, seq_max_len=3, user_feature_cols=[], item_feature_cols=[])
+    for split, rank in (("val", 1), ("test", 0)):
+        y = dm.dataset(split).y
+        held = dm._encoded()[dm._encoded()["_rank"] == rank][dm.item_col].to_numpy()
+        assert y.dtype == torch.long and y.tolist() == np.where(held > 0, held, -1).tolist()

@@ -546,6 +546,18 @@ def test_beyond_accuracy_metrics_reject_items_they_cannot_score():
     assert novelty_score({"u": ["a", "new"]}, {"a": 0.5}, topKs=[2])["novelty@2"] == pytest.approx((1 + np.log2(1e10)) / 2)
 
 
+def test_diversity_is_nan_without_a_pair_of_items():
+    # documented nan where Torch-RecHub 0.9.0 returns 0.0; empty lists used to crash in embedding_bag
+    from rechub_lightning.metrics import diversity_score
+
+    emb = np.eye(3)
+    for y_pred in ({"u0": []}, {"u0": [], "u1": [2]}, [[]], torch.zeros(2, 0, dtype=torch.long), {}):
+        assert math.isnan(diversity_score(y_pred, emb, topKs=[5])["diversity@5"])
+    # k = 1 leaves single items; the other cut-off still counts the one user with a pair
+    out = diversity_score({"u0": [], "u1": [0, 1], "u2": [2]}, emb, topKs=[1, 5])
+    assert math.isnan(out["diversity@1"]) and out["diversity@5"] == pytest.approx(1.0)
+
+
 def test_single_topk_metric_helpers_are_slices_of_topk_metrics():
     from rechub_lightning.metrics import hit_score, mrr_score, ndcg_score, precision_score, recall_score
 

@@ -566,3 +566,38 @@ def test_max_steps_shorter_than_an_epoch_with_the_trainers_early_stopping(tmp_pa
     assert trainer.trainer.global_step == 3 and len(train) > 3
     stopper = next(c for c in trainer.trainer.callbacks if isinstance(c, EarlyStopping))
     assert stopper.monitor == "val/auc" and stopper.wait_count == 0
+
+
+def test_reference_trainer_attributes_read_what_the_run_uses(tmp_path):
+    """Scripts read `trainer.optimizer.param_groups[0]["lr"]` (the reference's fit prints it),
+    `trainer.scheduler`, `trainer.loss_weight`; they raised AttributeError. Attributes that have no
+    counterpart (`criterion`, `evaluate_fn`...) were silently ignored when assigned: now refused."""
+    x, y = ctr_columns()
+    model = DeepFM(FEATS + [DenseFeature("d")], FEATS, {"dims": [8]})
+    trainer = CTRTrainer(model, optimizer_params={"lr": 0.02}, scheduler_fn=torch.optim.lr_scheduler.StepLR,
+                         scheduler_params={"step_size": 1, "gamma": 0.5}, n_epoch=2, earlystop_patience=5,
+                         model_path=str(tmp_path), trainer_kwargs=quiet_trainer_kwargs())
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.02)
+    assert trainer.scheduler is None and trainer.early_stopper is None  # nothing run yet
+    dl = DataLoader(TorchDataset(x, y), batch_size=64)
+    trainer.fit(dl, dl)
+    assert isinstance(trainer.scheduler, torch.optim.lr_scheduler.StepLR)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.02 * 0.5**2)  # stepped after each epoch
+    assert trainer.early_stopper.wait_count in (0, 1)
+    for name in ("criterion", "evaluate_fn", "reg_loss_fn"):
+        with pytest.raises(AttributeError, match=name):
+            getattr(trainer, name)
+        with pytest.raises(AttributeError, match="no effect"):
+            setattr(trainer, name, None)
+    with pytest.raises(AttributeError, match="optimizer_fn"):
+        trainer.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    mtl = MMOE(FEATS, ["classification", "classification"], 2, {"dims": [8]}, [{"dims": [4]}] * 2)
+    uwl = MTLTrainer(mtl, ["classification"] * 2, adaptive_params={"method": "uwl"}, model_path=str(tmp_path))
+    assert uwl.adaptive_method == "uwl"
+    assert uwl.loss_weight is uwl.module.weighting.log_vars and uwl.loss_weight.shape == (2,)
+    plain = MTLTrainer(mtl, ["classification"] * 2, model_path=str(tmp_path))
+    assert plain.adaptive_method is None and plain.loss_weight is None
+    user, item = SparseFeature("user_id", 5, embed_dim=8), SparseFeature("item_id", 7, embed_dim=8)
+    match = MatchTrainer(DSSM([user], [item], {"dims": [8]}, {"dims": [8]}), mode=0, in_batch_neg=True, model_path=str(tmp_path))
+    assert match.in_batch_neg is True and match.hard_negative is False and match.in_batch_neg_ratio is None

@@ -183,3 +183,108 @@ def test_faiss_index_matches_exact(nlist: int | None) -> None:
             torch.testing.assert_close(got_scores, want_scores, atol=1e-4, rtol=1e-5)
     # k larger than the corpus
     assert index.search(users, k=500)[1].shape == (20, 200)
+
+
+def brute_force_euclidean(items: np.ndarray, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the ``n`` nearest items by (float64 distance, row) and their squared distances."""
+    sq = ((queries.astype(np.float64)[:, None, :] - items.astype(np.float64)[None]) ** 2).sum(-1)
+    rows = np.stack([np.lexsort((np.arange(len(items)), d))[:n] for d in sq])
+    return rows, np.take_along_axis(sq, rows, 1)
+
+
+@pytest.mark.parametrize(("offset", "spread"), [(1000.0, 0.01), (100.0, 0.05), (0.0, 1.0)])
+def test_reference_engines_euclidean_exact_far_from_origin(offset: float, spread: float) -> None:
+    # 2 q.x - |x|^2 in float32 cancels for |x| ~ 2800 and spacing ~ 0.01: the neighbours must
+    # still be those of a float64 brute force, with float64-accurate distances
+    from rechub_lightning.retrieval import Annoy, Faiss
+
+    rng = np.random.default_rng(0)
+    items = (rng.normal(size=(500, 8)) * spread + offset).astype(np.float32)
+    queries = items[:50] + (rng.normal(size=(50, 8)) * spread * 0.1).astype(np.float32)
+    want_rows, want_sq = brute_force_euclidean(items, queries, 5)
+    annoy = Annoy(metric="euclidean")
+    annoy.fit(items)
+    for u in range(50):
+        rows, dist = annoy.query(queries[u], 5)
+        assert rows == want_rows[u].tolist()
+        np.testing.assert_allclose(dist, np.sqrt(want_sq[u]), rtol=1e-9, atol=1e-12)
+    flat = Faiss(dim=8, metric="l2")
+    flat.fit(items)
+    rows, dist = flat.query(queries, 5)
+    assert rows == want_rows.tolist()
+    np.testing.assert_allclose(dist, want_sq, rtol=1e-9, atol=1e-12)
+
+
+def test_reference_engine_euclidean_indexed_point_comes_first() -> None:
+    from rechub_lightning.retrieval import Annoy
+
+    rng = np.random.default_rng(1)
+    items = (rng.normal(size=(100, 4)) * 0.01 + 1000).astype(np.float32)
+    annoy = Annoy(metric="euclidean")
+    annoy.fit(items)
+    for row in (0, 7, 99):
+        rows, dist = annoy.query(items[row], 3)
+        assert rows == brute_force_euclidean(items, items[row : row + 1], 3)[0][0].tolist()
+        assert rows[0] == row and dist[0] == 0.0 and dist[1] > 0.0
+
+
+@pytest.mark.parametrize("offset", [0.0, 10_000.0])
+def test_reference_engine_euclidean_ties_lower_row_first(offset: float) -> None:
+    # integer points with duplicates: equal distances are exact, the lower row comes first,
+    # also after centering on a mean that is not an integer
+    from rechub_lightning.retrieval import Faiss
+
+    users, items = tied_embeddings(30, 40, dim=3, seed=5)
+    items, users = items.numpy() + offset, users.numpy() + offset
+    flat = Faiss(dim=3, metric="l2")
+    flat.fit(items)
+    want_rows, want_sq = brute_force_euclidean(items, users, 9)
+    rows, dist = flat.query(users, 9)
+    assert rows == want_rows.tolist()
+    assert dist == want_sq.tolist()
+
+
+def test_reference_engine_euclidean_chunks_and_n(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rechub_lightning.retrieval import Annoy, Faiss
+
+    rng = np.random.default_rng(2)
+    items = (rng.normal(size=(300, 6)) + 50).astype(np.float32)
+    queries = (rng.normal(size=(23, 6)) + 50).astype(np.float32)
+    flat = Faiss(dim=6, metric="l2")
+    flat.fit(items)
+    whole = flat.query(queries, 12)
+    # a few queries scored, and a few candidates re-ranked, at a time
+    monkeypatch.setattr(flat, "_QUERY_CHUNK", 4)
+    monkeypatch.setattr(flat, "_RERANK_BLOCK", 50)
+    assert flat.query(queries, 12) == whole
+    assert whole[0] == brute_force_euclidean(items, queries, 12)[0].tolist()
+    # n beyond the corpus: every row once, nearest first
+    rows, dist = flat.query(queries[:2], 1000)
+    assert [sorted(r) for r in rows] == [list(range(300))] * 2
+    assert all(d == sorted(d) for d in dist)
+    annoy = Annoy(metric="euclidean")
+    annoy.fit(items)
+    assert annoy.query(queries[0], np.int64(3))[0] == whole[0][0][:3]
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="n must be a positive int"):
+            annoy.query(queries[0], bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("metric", ["angular", "dot"])
+def test_reference_engines_other_metrics_unchanged(metric: str) -> None:
+    # angular and dot still rank by float32 cosine / inner product, as Annoy does
+    from rechub_lightning.retrieval import Annoy
+
+    rng = np.random.default_rng(3)
+    items = rng.normal(size=(200, 8)).astype(np.float32)
+    query = rng.normal(size=8).astype(np.float32)
+    engine = Annoy(metric=metric)
+    engine.fit(items)
+    rows, dist = engine.query(query, 6)
+    if metric == "dot":
+        want = topk_search(torch.as_tensor(query)[None], torch.as_tensor(items), k=6)
+        assert rows == want[1][0].tolist() and dist == want[0][0].tolist()
+    else:
+        cos = items.astype(np.float64) @ query / np.linalg.norm(items, axis=1) / np.linalg.norm(query)
+        assert rows == np.argsort(-cos, kind="stable")[:6].tolist()
+        np.testing.assert_allclose(dist, np.sqrt(2 - 2 * cos[rows]), atol=1e-5)

@@ -293,6 +293,55 @@ class _FacadeBase:
         cb = self.trainer.checkpoint_callback if self.trainer is not None else None
         return getattr(cb, "best_model_path", None) or None
 
+    # ------------------------------------------------------------------ the reference's attributes
+    #: Torch-RecHub trainer attributes that have no object of their own here, and what to use.
+    _NOT_HERE: dict[str, str] = {
+        "criterion": "the loss is the module's (BCE on logits for CTR; a custom loss: subclass the module and "
+        "override compute_loss)",
+        "evaluate_fn": "evaluate() returns the AUC; other metrics: compute them from predict()",
+        "reg_loss_fn": "regularization_params in the constructor (trainer.module.regularization)",
+        "loss_fns": "the module's task losses (BCE for classification, MSE for regression, by task_types)",
+        "evaluate_fns": "evaluate() returns one score per task (AUC or MSE, by task_types)",
+    }
+
+    def __getattr__(self, name: str) -> Any:
+        hint = type(self)._NOT_HERE.get(name)
+        if hint is not None:
+            raise AttributeError(f"{type(self).__name__} has no {name!r} (Torch-RecHub's trainers do): {hint}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in type(self)._NOT_HERE:
+            # assigning it would be silently ignored: the run uses the module's own
+            raise AttributeError(f"setting {type(self).__name__}.{name} has no effect here: {type(self)._NOT_HERE[name]}")
+        super().__setattr__(name, value)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer: the last ``fit``'s (Lightning's), else the one ``train_one_epoch`` steps
+        (built on first use, from ``optimizer_fn``/``optimizer_params``). Read-only: the
+        constructor's arguments choose it."""
+        if self.trainer is not None and self.trainer.optimizers:
+            return self.trainer.optimizers[0]
+        return self._optimizer_for_epochs()
+
+    @optimizer.setter
+    def optimizer(self, value: Any) -> None:
+        raise AttributeError("the optimizer is built from optimizer_fn / optimizer_params; give them to the constructor")
+
+    @property
+    def scheduler(self) -> Any:
+        """The last ``fit``'s learning-rate scheduler (``None`` without ``scheduler_fn`` or before ``fit``)."""
+        configs = self.trainer.lr_scheduler_configs if self.trainer is not None else []
+        return configs[0].scheduler if configs else None
+
+    @property
+    def early_stopper(self) -> Any:
+        """The last ``fit``'s ``EarlyStopping`` callback (``wait_count``, ``best_score``, ``stopped_epoch``),
+        ``None`` before ``fit``: it plays the reference's ``EarlyStopper``; best weights are restored
+        from ModelCheckpoint's best checkpoint."""
+        return self.trainer.early_stopping_callback if self.trainer is not None else None
+
     # ------------------------------------------------------------------ plain loops
     def _optimizer_for_epochs(self) -> torch.optim.Optimizer:
         if self._optimizer is None:

@@ -113,6 +113,18 @@ class MatchTrainer(_FacadeBase):
         )
         self.model.to(self.device)
 
+    @property
+    def in_batch_neg(self) -> bool:
+        return self.module.in_batch_neg
+
+    @property
+    def in_batch_neg_ratio(self) -> int | None:
+        return self.module.in_batch_neg_ratio
+
+    @property
+    def hard_negative(self) -> bool:
+        return self.module.hard_negative
+
     def export_onnx(self, output_path: str, mode: str | None = None, *args: Any, **kwargs: Any) -> bool:  # type: ignore[override]
         """Export the model, or with ``mode="user"``/``"item"`` one tower, to ONNX; the reference's
         argument order (``mode`` second), the other arguments as :meth:`CTRTrainer.export_onnx`."""

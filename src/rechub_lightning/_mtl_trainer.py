@@ -134,6 +134,27 @@ class MTLTrainer(_FacadeBase):
         cfg["callbacks"] = [*cfg["callbacks"], _EpochLog(self.module, self._epoch_log)]
         return cfg
 
+    @property
+    def adaptive_method(self) -> str | None:
+        """The loss weighting's name (``"uwl"``, ``"gradnorm"``, ...), ``None`` for a plain sum."""
+        from .weighting import WEIGHTING_METHODS
+
+        name = next((k for k, cls in WEIGHTING_METHODS.items() if type(self.module.weighting) is cls), None)
+        return None if name == "equal" else name
+
+    @property
+    def loss_weight(self) -> torch.Tensor | None:
+        """The learned loss weights, as the reference's attribute of this name holds them: UWL's
+        log-variances ``s_i`` (the loss is ``sum exp(-s_i) L_i + s_i``), GradNorm's task weights;
+        ``None`` for the other methods. One tensor of ``n_task`` values (the reference: a
+        ``ParameterList`` of one-element parameters)."""
+        w = self.module.weighting
+        if self.adaptive_method == "uwl":
+            return w.log_vars
+        if self.adaptive_method == "gradnorm":
+            return w.task_weights
+        return None
+
     def fit(self, train_dataloader: Any, val_dataloader: Any = None, mode: str = "base", seed: int = 0) -> list[list[float]]:
         """Train; returns one row per epoch, ``[train loss per task..., val score per task...]``.
 

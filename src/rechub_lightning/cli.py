@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from typing import Any, Optional
 
 import lightning as L
@@ -21,6 +22,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .checkpoint import AtomicCheckpointIO
@@ -38,6 +40,12 @@ class RecHubCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._cli_args = kwargs.get("args")  # what this command line says (None: sys.argv)
+        # Our modules build their optimizers (sparse embedding groups, schedulers, manual MTL
+        # steps): LightningCLI's --optimizer/--lr_scheduler would replace configure_optimizers
+        # (and fail on sparse gradients at the first step) or be ignored. The module's
+        # optimizer_fn/optimizer_params/scheduler_fn/scheduler_params say it instead.
+        kwargs.setdefault("auto_configure_optimizers", False)
+        self._resume_from: str | None = None
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
@@ -99,16 +107,23 @@ class RecHubCLI(LightningCLI):
         # Torn checkpoints are impossible with an atomic write (unless the user chose a CheckpointIO).
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        # CSV logs always (what `rechub report` reads), next to TensorBoard when it is installed.
+        if self._resume_from:
+            _continue_run_folder(trainer, self._resume_from)
+        # CSV logs always (what `rechub report` reads), next to TensorBoard when it is installed,
+        # in the same run folder as the first logger's.
         if trainer.loggers and not any(isinstance(lg, CSVLogger) for lg in trainer.loggers):
             first = trainer.loggers[0]
-            trainer.loggers = [*trainer.loggers, CSVLogger(save_dir=trainer.default_root_dir, name=first.name or "lightning_logs", version=first.version)]
+            save_dir = getattr(first, "save_dir", None) or trainer.default_root_dir
+            trainer.loggers = [*trainer.loggers, CSVLogger(save_dir=save_dir, name=first.name or "lightning_logs", version=first.version)]
         for lg in trainer.loggers:
             if isinstance(lg, CSVLogger):
                 # Create the run's folder now (rank 0): LightningCLI writes config.yaml into it before
                 # the first metric, and a CSV writer created after that warns that the new folder
                 # "exists and is not empty" (it still does for a folder an earlier run filled).
-                _ = lg.experiment
+                if self._resume_from and rank_zero_only.rank == 0:
+                    _keep_csv_history(lg, self._resume_from)
+                else:
+                    _ = lg.experiment
         return trainer
 
     def before_predict(self) -> None:
@@ -136,14 +151,31 @@ class RecHubCLI(LightningCLI):
         sub = self.config.get("subcommand")
         cfg = self.config.get(sub) if sub else self.config
         ckpt = cfg.get("ckpt_path") if cfg is not None else None
+        root = str(((cfg.get("trainer") or {}).get("default_root_dir") if cfg is not None else None) or os.getcwd())
         if ckpt == "last":
             # Lightning looks for last.ckpt only in this run's (new) version folder; a user who
             # says "last" means the newest last.ckpt of earlier runs under default_root_dir.
-            root = (cfg.get("trainer") or {}).get("default_root_dir") or os.getcwd()
-            found = sorted(glob.glob(os.path.join(str(root), "**", "last*.ckpt"), recursive=True), key=os.path.getmtime)
+            found = sorted(glob.glob(os.path.join(root, "**", "last*.ckpt"), recursive=True), key=os.path.getmtime)
             if found:
                 ckpt = cfg["ckpt_path"] = found[-1]
-                log.info(f"Resuming from {ckpt}")
+                log.info(f"Resuming from {ckpt}" if sub == "fit" else f"Checkpoint: {ckpt}")
+        elif ckpt == "best" and sub != "fit":
+            # In a new process Lightning knows no best checkpoint; the newest run's does.
+            best = _best_checkpoint_under(root)
+            if best is None:
+                raise FileNotFoundError(
+                    f"--ckpt_path best: no checkpoint with a best model under {root!r} (trainer.default_root_dir); "
+                    "give the checkpoint's path"
+                )
+            ckpt = cfg["ckpt_path"] = best
+            log.info(f"Best checkpoint: {ckpt}")
+        if sub in ("validate", "test", "predict") and not ckpt:
+            raise ValueError(
+                f"rechub {sub} needs --ckpt_path (a checkpoint written by rechub fit, or 'best'/'last' for the newest "
+                f"run under {root!r}): without it the model's weights are untrained"
+            )
+        if sub == "fit" and ckpt and ckpt not in ("best", "last", "hpc", "registry"):
+            self._resume_from = str(ckpt)
         if ckpt and ckpt not in ("best", "last", "hpc", "registry") and cfg.get("data") is not None:
             data = cfg["data"]
             init_args = data.get("init_args") if hasattr(data, "get") else None
@@ -174,6 +206,27 @@ class RecHubCLI(LightningCLI):
             log.info(f"Label columns {trained} from the checkpoint (configured: {init_args.get('labels')})")
             init_args["labels"] = trained
 
+    def _warn_split_of_path(self, stage: str) -> None:
+        """``validate``/``test`` of a checkpoint on ``--data.path``: say which rows are scored."""
+        dm = self.datamodule
+        path_rows = getattr(dm, "_frames", {}).get("all") if dm is not None else None
+        split = "val" if stage == "validate" else "test"
+        given = getattr(dm, "_split_paths", {}).get(split)
+        if path_rows is None or given or getattr(dm, "streaming", False):
+            return
+        frame = dm._frames.get(split)
+        if frame is not None and len(frame) < len(path_rows):
+            log.info(
+                f"{stage} scores the {split} split of the data: {len(frame)} of its {len(path_rows)} rows "
+                f"(split_ratio); to score a whole file, give it as --data.{split}_path"
+            )
+
+    def before_validate(self) -> None:
+        self._warn_split_of_path("validate")
+
+    def before_test(self) -> None:
+        self._warn_split_of_path("test")
+
     def after_fit(self) -> None:
         trainer = self.trainer
         cb = trainer.checkpoint_callback
@@ -190,6 +243,84 @@ class RecHubCLI(LightningCLI):
                 lines.append("  last validation: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
             lines.append(f"  best checkpoint: {best or '(none: no ModelCheckpoint with a monitor)'}")
             log.info("\n".join(lines))
+
+
+def _best_checkpoint_under(root: str) -> str | None:
+    """The best checkpoint of the newest run under ``root``: the ``best_model_path`` its
+    ModelCheckpoint recorded in the newest checkpoint file, else that run's newest ``best*.ckpt``."""
+    from .checkpoint import read_checkpoint
+
+    found = sorted(glob.glob(os.path.join(root, "**", "*.ckpt"), recursive=True), key=os.path.getmtime)
+    if not found:
+        return None
+    try:
+        states = read_checkpoint(found[-1]).get("callbacks") or {}
+    except (ValueError, OSError):
+        states = {}
+    for key, state in states.items():
+        path = state.get("best_model_path") if str(key).startswith("ModelCheckpoint") and isinstance(state, dict) else None
+        if path and os.path.exists(path):
+            return str(path)
+    run = os.path.dirname(found[-1])
+    best = sorted(glob.glob(os.path.join(run, "best*.ckpt")), key=os.path.getmtime)
+    return best[-1] if best else None
+
+
+def _continue_run_folder(trainer: L.Trainer, ckpt: str) -> None:
+    """Resume in the run folder the checkpoint came from (``<save_dir>/<name>/version_N/checkpoints``).
+
+    A new version folder would give ModelCheckpoint a new ``dirpath``, and Lightning then drops
+    its best score and best-k record (early stopping keeps its own): the resumed run would call
+    a later, worse epoch its best. Loggers that chose no version continue version ``N``; the
+    CSV log appends to the run's ``metrics.csv``.
+    """
+    ckpt_dir = os.path.dirname(os.path.abspath(ckpt))
+    if os.path.basename(ckpt_dir) != "checkpoints":
+        return
+    version_dir = os.path.dirname(ckpt_dir)
+    name = os.path.basename(version_dir)
+    if not name.startswith("version_") or not name[len("version_"):].isdigit():
+        return
+    for lg in trainer.loggers:
+        if getattr(lg, "_version", "set") is not None or not getattr(lg, "save_dir", None):
+            continue  # the user chose a version (or the logger has no run folders)
+        if os.path.abspath(os.path.join(lg.save_dir, lg.name or "", name)) == version_dir:
+            lg._version = int(name[len("version_"):])
+            log.info(f"Continuing the run folder {version_dir}")
+
+
+def _keep_csv_history(logger: CSVLogger, ckpt: str) -> None:
+    """Create a resumed run's CSV writer without losing the run's earlier rows.
+
+    Lightning's writer deletes an existing ``metrics.csv``; a run resumed in its own folder keeps
+    the rows logged up to the checkpoint's step (later ones were not part of this run's history:
+    the training after the checkpoint is redone), so ``rechub report`` draws the whole run.
+    """
+    import csv
+
+    import torch
+
+    path = os.path.join(logger.log_dir, "metrics.csv")
+    rows: list[dict[str, str]] = []
+    header: list[str] = []
+    if os.path.isfile(path):
+        try:
+            step = int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
+        except Exception:  # noqa: BLE001 - an unreadable checkpoint fails later, with Lightning's message
+            step = -1
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = [r for r in reader if not r.get("step") or int(float(r["step"])) <= step]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+        writer = logger.experiment  # deletes metrics.csv
+    if rows:
+        with open(path, "w", newline="") as f:
+            out = csv.DictWriter(f, fieldnames=header)
+            out.writeheader()
+            out.writerows(rows)
+        writer.metrics_keys = sorted(header)
 
 
 def _configure_logging() -> None:

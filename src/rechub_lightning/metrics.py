@@ -12,7 +12,13 @@ Differences from Torch-RecHub 0.9.0 (``basic/metric.py``):
   whole data set;
 * ``hitrate@k`` is the share of users with at least one hit (the reference divided the
   number of hits by the number of relevant items);
-* top-K metrics are plain floats, not rounded strings.
+* top-K metrics are plain floats, not rounded strings;
+* ``topk_metrics`` leaves users with no relevant item out of the average (the reference
+  counts them as 0, so its values fall with the share of users no list can hit);
+* ``topk_metrics`` counts a duplicate once: a relevant item listed twice is one item, a
+  recommended one counts at its first position (the reference's recall and nDCG could pass 1);
+* ``diversity_score`` and ``novelty_score`` are ``nan``, not 0.0, when no list can be
+  measured (no user with two items, resp. one item): nothing was measured.
 
 Example:
     >>> import torch
@@ -655,7 +661,9 @@ def diversity_score(
         chunk_size: users scored at once (memory ``chunk_size * (k + D)``).
 
     Returns:
-        ``{"diversity@k": float}``; ``nan`` when no user has two items. Computed as
+        ``{"diversity@k": float}``; ``nan`` when no user has two items, e.g. every list empty
+        (Torch-RecHub 0.9.0 returns 0.0 there, the value of lists of identical items: without a
+        pair nothing was measured). Computed as
         ``(k_u(k_u-1)/2 - (|sum v|^2 - sum |v|^2) / 2) / (k_u(k_u-1)/2)`` over unit vectors
         ``v`` (a zero embedding stays zero, as in Torch-RecHub 0.9.0), without the ``k x k``
         similarity matrix. An item listed twice counts twice (distance 0), as there.
@@ -673,6 +681,9 @@ def diversity_score(
     out = {}
     for k in ks:
         sel = rows[:, :k]
+        if sel.shape[1] < 2:  # no list holds a pair (and embedding_bag rejects empty bags)
+            out[f"diversity@{k}"] = math.nan
+            continue
         total, users = 0.0, 0
         for s in range(0, len(sel), chunk_size):
             part = sel[s : s + chunk_size]

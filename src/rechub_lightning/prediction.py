@@ -9,6 +9,7 @@ matching models and writes user embeddings, item embeddings and each user's top-
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,10 @@ from lightning.pytorch.utilities import rank_zero_info
 
 __all__ = ["PredictionWriter", "MatchPredictionWriter", "gather_predictions", "match_output_paths", "write_frame"]
 
+# Lightning records batch indices only for a plain DataLoader and warns for every other loader;
+# ours need none (each rank predicts a contiguous slice, in order).
+warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices fetched from your dataloader: `BatchDataLoader`")
+
 
 def _flatten(predictions: Any) -> list[torch.Tensor]:
     if isinstance(predictions, torch.Tensor):
@@ -32,16 +37,47 @@ def _flatten(predictions: Any) -> list[torch.Tensor]:
     return out
 
 
-def gather_predictions(predictions: Any) -> torch.Tensor | None:
-    """This rank's prediction batches concatenated, then all ranks' in rank order (on every rank)."""
+def _row_indices(batch_indices: Any, n: int) -> torch.Tensor | None:
+    """The dataset rows behind this rank's ``n`` predictions, from Lightning's ``batch_indices``.
+
+    Lightning records them for a plain ``DataLoader`` (its batch sampler is wrapped); under DDP
+    such a loader is re-sampled so that rank ``r`` reads rows ``r, r + world, ...``. Our loaders
+    give none (``[]``): they already hand each rank a contiguous slice in order.
+    """
+    flat: list[int] = []
+    stack = [batch_indices]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (int, np.integer)):
+            flat.append(int(item))
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+    if not flat or len(flat) != n:
+        return None
+    return torch.tensor(flat, dtype=torch.long)
+
+
+def gather_predictions(predictions: Any, batch_indices: Any = None) -> torch.Tensor | None:
+    """This rank's prediction batches concatenated, then all ranks' in row order (on every rank).
+
+    Without ``batch_indices`` (or with our loaders, which record none) the ranks' slices are
+    joined in rank order. With the indices Lightning records for a plain ``DataLoader``, the rows
+    are put back in dataset order, whichever rank predicted them.
+    """
     parts = _flatten(predictions)
     local = torch.cat([p.detach().cpu() for p in parts]) if parts else None
+    rows = _row_indices(batch_indices, len(local)) if local is not None and batch_indices is not None else None
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
+        return local if rows is None else local[torch.argsort(rows, stable=True)]
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
-    pieces = [g for g in gathered if g is not None and len(g)]
-    return torch.cat(pieces) if pieces else local
+    dist.all_gather_object(gathered, (local, rows))
+    pieces = [(g, r) for g, r in gathered if g is not None and len(g)]
+    if not pieces:
+        return local
+    out = torch.cat([g for g, _ in pieces])
+    if all(r is not None for _, r in pieces):
+        out = out[torch.argsort(torch.cat([r for _, r in pieces]), stable=True)]
+    return out
 
 
 _TABLE_EXTENSIONS = (".csv.gz", ".csv", ".parquet", ".pq")
@@ -86,7 +122,7 @@ class PredictionWriter(BasePredictionWriter):
         self.frame: pd.DataFrame | None = None
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any) -> None:
-        preds = gather_predictions(predictions)
+        preds = gather_predictions(predictions, batch_indices)
         if not trainer.is_global_zero or preds is None:
             return
         arr = preds.float().numpy()

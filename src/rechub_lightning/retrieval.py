@@ -395,11 +395,25 @@ class _ReferenceEngine:
     """Torch-RecHub's vector-engine API (``fit(X)``, ``query(v, n)``) computed exactly.
 
     ``metric`` is a distance (smaller is closer: ``"angular"``, ``"euclidean"``, ``"l2"``) or a
-    similarity (larger is closer: ``"dot"``, ``"ip"``). Search is :func:`topk_search` over
-    augmented vectors, so ties break by the lower item row and no package is needed.
+    similarity (larger is closer: ``"dot"``, ``"ip"``). Ties break by the lower item row and no
+    package is needed.
+
+    ``"angular"``, ``"dot"`` and ``"ip"`` are :func:`topk_search` over (normalised) float32
+    vectors. Euclidean search ranks by ``2 q.x - |x|^2``, which cancels catastrophically in
+    float32 for vectors far from the origin compared with their spacing, so it is computed in
+    float64 relative to the corpus mean (distances do not change under translation), and the
+    best ``n + 16`` candidates are re-ranked by ``|q - x|`` computed directly in float64, which
+    also gives the returned distances. Queries are scored ``512`` at a time, so memory stays at
+    ``512 x n_items`` scores.
     """
 
     _METRICS: tuple[str, ...] = ()
+    #: queries scored at once by the Euclidean search
+    _QUERY_CHUNK = 512
+    #: candidates re-ranked beyond the ``n`` asked for, for near-ties at the boundary
+    _RERANK_MARGIN = 16
+    #: float64 elements of one block of ``q - x`` differences in the re-ranking
+    _RERANK_BLOCK = 1 << 22
 
     def __init__(self, metric: str) -> None:
         metric = str(metric).lower()
@@ -407,6 +421,8 @@ class _ReferenceEngine:
             raise ValueError(f"metric must be one of {self._METRICS}, got {metric!r}")
         self._metric = metric
         self._items: Tensor | None = None
+        self._center: Tensor | None = None
+        self._augmented: Tensor | None = None
 
     def fit(self, X: Any) -> None:
         """Index the rows of ``X`` ``(n_items, dim)``; a query returns row positions."""
@@ -414,10 +430,18 @@ class _ReferenceEngine:
         if items.dim() != 2 or items.shape[0] == 0:
             raise ValueError(f"X must be a non-empty (n_items, dim) array, got shape {tuple(items.shape)}")
         self._items = items
+        if self._metric in ("euclidean", "l2"):
+            self._center = items.double().mean(0)
+            centered = items.double() - self._center
+            # [2q, -1] . [x, |x|^2] = 2 q.x - |x|^2, the ranking score, all relative to the mean
+            self._augmented = torch.cat([centered, centered.pow(2).sum(1, keepdim=True)], 1)
 
     def _search(self, v: Any, n: int) -> tuple[Tensor, Tensor]:
         if self._items is None:
             raise RuntimeError(f"{type(self).__name__}.query called before fit")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        n = int(n)
         q = torch.as_tensor(v.detach().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v, dtype=np.float32)).float()
         q = q.reshape(1, -1) if q.dim() == 1 else q
         if q.shape[1] != self._items.shape[1]:
@@ -428,11 +452,38 @@ class _ReferenceEngine:
             cos, rows = topk_search(qn, xn, n)
             return rows, (2.0 - 2.0 * cos).clamp(min=0).sqrt()
         if m in ("euclidean", "l2"):
-            # argmax of 2 q.x - |x|^2 == argmin |q - x|^2
-            score, rows = topk_search(torch.cat([2 * q, -torch.ones(len(q), 1)], 1), torch.cat([items, items.pow(2).sum(1, keepdim=True)], 1), n)
-            squared = (q.pow(2).sum(1, keepdim=True) - score).clamp(min=0)
+            rows, squared = self._nearest_euclidean(q, n)
             return rows, (squared.sqrt() if m == "euclidean" else squared)
         return tuple(reversed(topk_search(q, items, n)))  # type: ignore[return-value]
+
+    def _nearest_euclidean(self, q: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """Rows of the ``n`` nearest items to each query ``(U, D)`` and their squared distances.
+
+        Order: distance ascending, then row ascending.
+        """
+        assert self._items is not None and self._center is not None and self._augmented is not None
+        items = self._items
+        n_cand = min(items.shape[0], n + self._RERANK_MARGIN)
+        q64 = q.double()
+        q_c = q64 - self._center
+        q_aug = torch.cat([2 * q_c, -torch.ones(len(q), 1, dtype=torch.float64)], 1)
+        candidates = torch.empty(len(q), n_cand, dtype=torch.long)
+        for start in range(0, len(q), self._QUERY_CHUNK):
+            chunk = slice(start, start + self._QUERY_CHUNK)
+            # 2 q.x - |x|^2 = |q|^2 - |q - x|^2: largest for the nearest items
+            scores = q_aug[chunk] @ self._augmented.T
+            candidates[chunk] = _stable_topk(scores, n_cand)[1]
+            del scores  # free this chunk's scores before the next product is allocated
+        squared = torch.empty(candidates.shape, dtype=torch.float64)
+        step = max(1, self._RERANK_BLOCK // (n_cand * q.shape[1] or 1))
+        for start in range(0, len(q), step):
+            chunk = slice(start, start + step)
+            squared[chunk] = (items[candidates[chunk]].double() - q64[chunk].unsqueeze(1)).pow(2).sum(-1)
+        # (distance, row) order: sort by row, then stably by distance
+        order = candidates.sort(dim=1).indices
+        candidates, squared = candidates.gather(1, order), squared.gather(1, order)
+        order = squared.sort(dim=1, stable=True).indices[:, :n]
+        return candidates.gather(1, order), squared.gather(1, order)
 
 
 class Annoy(_ReferenceEngine):
@@ -444,7 +495,8 @@ class Annoy(_ReferenceEngine):
     ``search_k`` are accepted and have no effect.
 
     Args:
-        metric: ``"angular"`` (``sqrt(2 - 2 cos)``, Annoy's default), ``"euclidean"`` or ``"dot"``.
+        metric: ``"angular"`` (``sqrt(2 - 2 cos)``, Annoy's default), ``"euclidean"``
+            (``|q - x|``, as Annoy reports it) or ``"dot"``.
 
     Example:
         >>> engine = Annoy(n_trees=10)

@@ -42,6 +42,17 @@ def writer(name):
     return PredictionWriter(os.path.join(out, name), columns)
 
 
+def plain_loader():
+    """A Torch-RecHub-style loader (per-row dataset + collate) over the 301 validation rows:
+    under DDP Lightning deals its rows to the ranks in turn (rank r: rows r, r + 2, ...)."""
+    from torch.utils.data import DataLoader
+
+    from rechub_lightning.data import PredictDataset
+
+    x = {k: v.numpy() for k, v in dm.dataset("val").x.items()}
+    return DataLoader(PredictDataset(x), batch_size=37)
+
+
 if mode == "prepare":
     if family == "mtl":
         model = MMOE(schema=dm.schema, n_expert=3, expert_params={"dims": [16]}, tower_params_list=[{"dims": [8]}] * 2)
@@ -55,6 +66,8 @@ if mode == "prepare":
     json.dump({**res, "n_val": len(dm.dataset("val"))}, open(os.path.join(out, "single.json"), "w"))
     Trainer(devices=1, callbacks=[writer("single.csv")], **quiet).predict(
         Module.load_from_checkpoint(ckpt), dm, return_predictions=False)
+    Trainer(devices=1, callbacks=[writer("single_plain.csv")], **quiet).predict(
+        Module.load_from_checkpoint(ckpt), plain_loader(), return_predictions=False)
 else:
     t = Trainer(devices=2, strategy="ddp", default_root_dir=out, **quiet)
     res = t.validate(Module.load_from_checkpoint(ckpt), dm, ckpt_path=ckpt, verbose=False)[0]
@@ -62,6 +75,8 @@ else:
         json.dump(res, open(os.path.join(out, "ddp.json"), "w"))
     Trainer(devices=2, strategy="ddp", default_root_dir=out, callbacks=[writer("ddp.csv")], **quiet).predict(
         Module.load_from_checkpoint(ckpt), dm, return_predictions=False)
+    Trainer(devices=2, strategy="ddp", default_root_dir=out, callbacks=[writer("ddp_plain.csv")], **quiet).predict(
+        Module.load_from_checkpoint(ckpt), plain_loader(), return_predictions=False)
     if family != "ctr":
         sys.exit(0)
 

@@ -449,6 +449,7 @@ class TabularDataModule(L.LightningDataModule):
         self.embed_dim = embed_dim
         self._split_ratio = tuple(split_ratio)
         self._predict_path = predict_path
+        self._split_paths = {"val": val_path, "test": test_path}  # files given for these splits
         self._datasets: dict[str, Any] = {}
         self.streaming = bool(streaming)
         self.shuffle_buffer = int(shuffle_buffer)
@@ -473,6 +474,7 @@ class TabularDataModule(L.LightningDataModule):
         if restored is not None:
             self.preprocessor = self._restored_preprocessor(restored["preprocessor"])
             self._text_columns = _text_columns(self.preprocessor)
+        self._fitted_before_reading = restored is not None
         frames = self._load_frames(path, data, val_path, test_path)
         self._frames = frames
         self._whole_file_for_predict = restored is not None and (path is not None or data is not None)
@@ -647,13 +649,29 @@ class TabularDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def _predict_text_columns(self) -> list[str]:
-        """Columns a prediction file must be read as text: text categories fitted at training time."""
-        return list(dict.fromkeys(list(self._text_columns) + _text_columns(self.preprocessor)))
+        """Columns a prediction file must be read as text: text categories fitted at training time,
+        and the columns that are neither features nor labels (see :meth:`_passthrough_columns`)."""
+        return list(dict.fromkeys(list(self._text_columns) + _text_columns(self.preprocessor)
+                                  + self._passthrough_columns(self._predict_path)))
+
+    def _passthrough_columns(self, path: str | None) -> list[str]:
+        """A CSV's columns that are neither fitted features nor labels, once preprocessing is fitted.
+
+        They are only copied through (``--predict_id_columns``, ``raw_frame``), so they are read
+        as text: an id ``"000123"`` stays ``"000123"`` and ``"0012"`` and ``"012"`` stay apart.
+        """
+        if path is None or str(path).lower().endswith((".parquet", ".pq")) or os.path.isdir(str(path)):
+            return []  # Parquet keeps its types
+        header = read_table(path, nrows=0).columns
+        taken = set(self.preprocessor.columns) | self._label_columns_taken()
+        return [c for c in header if c not in taken]
 
     def _load_frames(self, path: str | None, data: Any, val_path: str | None, test_path: str | None) -> dict[str, pd.DataFrame | None]:
         if path is not None and data is not None:
             raise ValueError("give either path or data, not both")
         text = list(self._text_columns)
+        if getattr(self, "_fitted_before_reading", False):
+            text += [c for c in self._passthrough_columns(path) if c not in text]
         whole = as_frame(data) if data is not None else read_table(path, text) if path is not None else self.default_frame()
         if isinstance(whole, dict):  # a default data set that comes split already
             return {**whole, "all": pd.concat([whole[k] for k in ("train", "val", "test") if whole.get(k) is not None], ignore_index=True)}

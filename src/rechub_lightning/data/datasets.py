@@ -339,6 +339,15 @@ class UnrepeatedBatchSampler(_BatchSamplerBase):
 
     def _bounds(self) -> tuple[int, int]:
         world, rank = _world(self._num_replicas, self._rank)
+        if 0 < self.n < world:
+            # Every rank sees the same n and world, so every rank raises (no rank is left
+            # waiting in a collective): Lightning cannot run an evaluation or prediction loop
+            # on a rank without batches (it skips the rank's epoch hooks and their syncs).
+            raise ValueError(
+                f"the evaluation/prediction data has {self.n} row(s) for {world} processes: each process "
+                "needs at least one row (rows are never padded or repeated, so that metrics and "
+                "predictions are exact); run it on at most as many devices as rows (e.g. --trainer.devices 1)"
+            )
         base, extra = divmod(self.n, world)
         start = rank * base + min(rank, extra)
         return start, start + base + (1 if rank < extra else 0)

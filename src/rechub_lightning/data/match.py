@@ -63,13 +63,24 @@ class SeenItemsDataset(TensorDictDataset):
 
     Args:
         x: user feature columns.
-        y: held-out item id per user (``-1``: none).
+        y: held-out item id per user (``-1``: none), kept as int64: float32 labels would round
+            ids above ``2**24`` to a neighbouring item.
         seen_indptr: ``(N + 1,)`` offsets into ``seen_items``.
         seen_items: item ids, user after user.
+
+    Raises:
+        ValueError: ``y`` holds values that are not whole numbers, or its length or
+            ``seen_indptr``'s does not match the rows of ``x``.
     """
 
     def __init__(self, x: Mapping[str, Any], y: Any, seen_indptr: np.ndarray, seen_items: np.ndarray) -> None:
-        super().__init__(x, y)
+        super().__init__(x)
+        y = torch.as_tensor(np.asarray(y))
+        if y.is_floating_point() and not bool((y == y.round()).all()):
+            raise ValueError(f"held-out item ids y must be whole numbers, found {float(y[y != y.round()][0])}")
+        self.y = y.long()
+        if len(self.y) != len(self):
+            raise ValueError(f"y must have one held-out item id per row ({len(self)}), got {len(self.y)}")
         self.seen_indptr = torch.as_tensor(seen_indptr, dtype=torch.long)
         self.seen_items = torch.as_tensor(seen_items, dtype=torch.long)
         if self.seen_indptr.numel() != len(self) + 1:
@@ -117,7 +128,9 @@ class MatchDataModule(L.LightningDataModule):
             that ``"998"`` sorts before ``"1000"`` and ``"12/30/2021"`` before ``"01/02/2022"``).
         user_feature_cols: user attribute columns (default: those of ml-1m's ``gender, age,
             occupation, zip`` that exist). A user's attributes are those of his most recent
-            training interaction, in training and evaluation alike.
+            training interaction, in training and evaluation alike; predicting for other
+            interactions than the training ones (a checkpoint's corpus restored), those of his
+            most recent interaction.
         item_feature_cols: item attribute columns (default: ``["cate_id"]`` when derived
             from ``genres_col``, else none). An item's attributes are those of its most recent
             training interaction.
@@ -141,7 +154,10 @@ class MatchDataModule(L.LightningDataModule):
         synthetic_users: users of the default synthetic data.
         synthetic_items: movies of the default synthetic data.
         synthetic_interactions: inclusive range of interactions per synthetic user.
-        preprocessing_from: a checkpoint whose fitted encoders to reuse instead of fitting.
+        preprocessing_from: a checkpoint whose fitted encoders to reuse instead of fitting, and
+            whose training item corpus (items and attributes) to retrieve from instead of the
+            items of these interactions (checkpoints that hold no corpus: these items, said in
+            the log).
         streaming: not supported (``True`` raises ``ValueError``): histories, leave-last-out
             targets, negative sampling frequencies and the item corpus are built from the whole
             interaction log in memory. Out-of-core Parquet streaming exists for
@@ -244,9 +260,13 @@ class MatchDataModule(L.LightningDataModule):
             raise ValueError(f"item column {item_col!r} has {int(frame[item_col].isna().sum())} missing value(s)")
         self._frame = self._split(frame[list(dict.fromkeys(needed))])
 
+        # the training item profile (item id -> attribute ids) when the preprocessing comes from a
+        # checkpoint: the corpus is every training item, whatever the given interactions hold
+        self._trained_items: pd.DataFrame | None = None
         restored = load_preprocessing_state(preprocessing_from) if preprocessing_from else None
         if restored is not None:
             self.encoders = self._encoders_from_state(restored["preprocessor"])
+            self._trained_items = self._item_profile_from_state(restored, preprocessing_from)
             rank_zero_info(f"Preprocessing restored from {preprocessing_from}")
         else:
             train = self._frame[self._frame["_rank"] >= 2]
@@ -331,14 +351,10 @@ class MatchDataModule(L.LightningDataModule):
 
     def _profiles(self) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, np.ndarray]]:
         """User profile, item profile (training items) and item id -> attribute id arrays."""
-        enc = self._encoded()
         # a user's / an item's attributes: those of the most recent training interaction; joined on
         # the encoded user id (users sharing the unknown id 0 under min_freq join once)
         user_profile = self._user_attributes()[[self.user_col, *self.user_feature_cols]].drop_duplicates(self.user_col, keep="last")
-        train = enc[(enc["_rank"] >= 2) & (enc[self.item_col] > 0)]
-        by_time = np.argsort(train["_time"].to_numpy(), kind="stable")
-        item_profile = train.iloc[by_time][[self.item_col, *self.item_feature_cols]].drop_duplicates(self.item_col, keep="last")
-        item_profile = item_profile.sort_values(self.item_col).reset_index(drop=True)
+        item_profile = self._trained_items if self._trained_items is not None else self._item_profile()
         vocab = self._vocab(self.item_col)
         attr = {}
         for c in self.item_feature_cols:
@@ -346,6 +362,45 @@ class MatchDataModule(L.LightningDataModule):
             arr[item_profile[self.item_col].to_numpy()] = item_profile[c].to_numpy()
             attr[c] = arr
         return user_profile, item_profile, attr
+
+    def _item_profile(self) -> pd.DataFrame:
+        """Every item of this datamodule's training interactions (encoded ids ascending) with the
+        encoded attributes of its most recent training interaction."""
+        if "item_profile" not in self._built:
+            enc = self._encoded()
+            train = enc[(enc["_rank"] >= 2) & (enc[self.item_col] > 0)]
+            by_time = np.argsort(train["_time"].to_numpy(), kind="stable")
+            profile = train.iloc[by_time][[self.item_col, *self.item_feature_cols]].drop_duplicates(self.item_col, keep="last")
+            self._built["item_profile"] = profile.sort_values(self.item_col).reset_index(drop=True)
+        return self._built["item_profile"]
+
+    def _item_profile_from_state(self, state: Mapping[str, Any], source: str) -> pd.DataFrame | None:
+        """The training item profile saved in a checkpoint's datamodule state (``None``, with a
+        message, for checkpoints written before it was saved: the corpus then comes from the
+        given interactions).
+
+        Raises:
+            KeyError: the saved profile lacks the item id or an item attribute column.
+            ValueError: a saved id lies outside its column's fitted vocabulary.
+        """
+        saved = state.get("item_profile")
+        if saved is None:
+            rank_zero_info(
+                f"{source} holds no training item corpus (written by an older version): the item corpus "
+                f"and the item attributes come from the given interactions, not from training"
+            )
+            return None
+        cols = [self.item_col, *self.item_feature_cols]
+        missing = [c for c in cols if c not in saved]
+        if missing:
+            raise KeyError(f"the item corpus saved in {source} has no column(s) {missing}; it holds {sorted(saved)}")
+        profile = pd.DataFrame({c: torch.as_tensor(saved[c]).reshape(-1).long().numpy() for c in cols})
+        for c in cols:
+            vocab = self._vocab(c)
+            bad = profile[c][(profile[c] < 0) | (profile[c] >= vocab)]
+            if len(bad):
+                raise ValueError(f"the item corpus saved in {source} has {c} id {int(bad.iloc[0])} outside [0, {vocab})")
+        return profile.sort_values(self.item_col).reset_index(drop=True)
 
     def _user_attributes(self) -> pd.DataFrame:
         """One row per user (``_user``) with his most recent training interaction's encoded
@@ -373,7 +428,11 @@ class MatchDataModule(L.LightningDataModule):
         return torch.as_tensor(np.log(q), dtype=torch.float32)
 
     def item_corpus(self) -> dict[str, torch.Tensor]:
-        """Every training item (ids ascending) with its attributes: the retrieval corpus."""
+        """Every training item (ids ascending) with its attributes: the retrieval corpus.
+
+        With the preprocessing restored from a checkpoint (``preprocessing_from``, or
+        :meth:`load_state_dict` with other interactions) these are the training items and
+        attributes saved in it, not the items of the given interactions."""
         _, item_profile, _ = self._profiles()
         return {c: torch.tensor(item_profile[c].to_numpy(), dtype=torch.long) for c in item_profile.columns}
 
@@ -477,7 +536,11 @@ class MatchDataModule(L.LightningDataModule):
         valid = idx >= start[:, None]
         hist = np.where(valid, items[np.clip(idx, 0, None)], 0)
         cols = {self.user_col: enc[self.user_col].to_numpy()[at]}
-        attrs = self._user_attributes().loc[enc["_user"].to_numpy()[at]]  # the profile training used
+        if split == "predict" and self._trained_items is not None:
+            # interactions that are not the training data: serve each user as he is now
+            attrs = enc.iloc[at]
+        else:
+            attrs = self._user_attributes().loc[enc["_user"].to_numpy()[at]]  # the profile training used
         for c in self.user_feature_cols:
             cols[c] = attrs[c].to_numpy()
         cols[self.history_feature] = hist
@@ -492,7 +555,7 @@ class MatchDataModule(L.LightningDataModule):
         seen, owner = seen[keep], owner[keep]
         indptr = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=len(at)))])
         y = target if target is not None else np.full(len(at), -1)
-        ds = SeenItemsDataset(cols, y.astype(np.float32), indptr, seen)
+        ds = SeenItemsDataset(cols, y.astype(np.int64), indptr, seen)
         self._validate(ds, split)
         self._built[split] = ds
         return ds
@@ -613,9 +676,13 @@ class MatchDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
+        item_profile = self._trained_items if self._trained_items is not None else self._item_profile()
         return {
             "preprocessor": {"encoders": {c: e.state_dict() for c, e in self.encoders.items()}},
             "schema": self.schema.to_dict(),
+            # the retrieval corpus: a checkpoint's predictions cover every training item, with the
+            # attributes it was trained with, whatever interactions they are made for
+            "item_profile": {c: torch.tensor(item_profile[c].to_numpy(), dtype=torch.long) for c in item_profile.columns},
         }
 
     @staticmethod
@@ -625,6 +692,8 @@ class MatchDataModule(L.LightningDataModule):
         return {c: CategoryEncoder().load_state_dict(s) for c, s in state["encoders"].items()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Reuse a checkpoint's encoders and training item corpus (what Lightning calls when it
+        restores a checkpoint); nothing is rebuilt when they are those of this datamodule."""
         encoders = self._encoders_from_state(state_dict["preprocessor"])
         if {c: e.state_dict() for c, e in encoders.items()} != {c: e.state_dict() for c, e in self.encoders.items()}:
             missing = [c for c in self._encoded_cols if c not in encoders]
@@ -633,3 +702,19 @@ class MatchDataModule(L.LightningDataModule):
             self.encoders = encoders
             self.schema = self._make_schema()
             self._built.clear()
+        elif "item_profile" not in state_dict:
+            return  # an older checkpoint with these very encoders: nothing to restore
+        trained = self._item_profile_from_state(state_dict, "the checkpoint")
+        if trained is None:
+            return
+        if _same_profile(trained, self._trained_items if self._trained_items is not None else self._item_profile()):
+            return  # e.g. resuming on the training interactions themselves
+        self._trained_items = trained
+        self._built.clear()
+
+
+def _same_profile(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """Whether two encoded item profiles hold the same columns and ids (whatever their int dtype)."""
+    return list(a.columns) == list(b.columns) and len(a) == len(b) and all(
+        np.array_equal(a[c].to_numpy(), b[c].to_numpy()) for c in a.columns
+    )

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ..losses import RegularizationLoss
@@ -392,6 +392,36 @@ class RecModule(L.LightningModule):
             )
         for loader in items:
             self.check_loader(loader, stage)
+            if stage in ("val", "test"):
+                self._warn_padded_sampler(loader, stage)
+
+    def _warn_padded_sampler(self, loader: Any, stage: str) -> None:
+        """Name the rows a plain ``DataLoader`` scores twice under DDP.
+
+        Lightning gives such a loader a ``DistributedSampler``, which pads the rows to a
+        multiple of the world size by repeating the first ones; the repeated rows count twice
+        in the metrics. Our loaders (the datamodules', ``make_dataloader``'s) never pad.
+        """
+        from torch.utils.data import DistributedSampler
+
+        from ..data.datasets import _BatchSamplerBase
+
+        sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None) or getattr(loader, "sampler", None)
+        if not isinstance(sampler, DistributedSampler) or isinstance(sampler, _BatchSamplerBase):
+            return
+        try:
+            padded = int(sampler.total_size) - len(sampler.dataset)  # type: ignore[arg-type]
+        except (AttributeError, TypeError):
+            return
+        warned = self.__dict__.setdefault("_padding_warned", set())
+        if padded > 0 and (stage, id(loader)) not in warned:
+            warned.add((stage, id(loader)))
+            rank_zero_warn(
+                f"the {stage} loader ({type(loader).__name__}) runs under DDP with a DistributedSampler that repeats "
+                f"{padded} of its {len(sampler.dataset)} rows to fill the last batch of each rank, so the {stage} "  # type: ignore[arg-type]
+                "metrics count those rows twice; build the loader with rechub_lightning.data.make_dataloader (or a "
+                "datamodule), whose ranks read disjoint slices, to score every row once"
+            )
 
     def on_train_start(self) -> None:
         trainer = self.trainer

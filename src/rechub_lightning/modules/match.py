@@ -703,7 +703,7 @@ class MatchModule(RecModule):
             scores = out.reshape(-1).float()
             probs = torch.sigmoid(scores) if self.logits_out else scores
             metric = self.val_auc if stage == "val" else self.test_auc
-            metric.update(probs, y.reshape(-1))
+            metric.update(probs, y.reshape(-1).float())  # 0/1 labels, whatever dtype the loader gives
             self.log(f"{stage}/auc", metric, on_step=False, on_epoch=True, prog_bar=stage == "val")
             return
         assert self._corpus is not None
