@@ -212,3 +212,83 @@ def test_csv_log_follows_the_chosen_loggers_folder(tmp_path):
           f"--trainer.logger.save_dir={tmp_path / 'tb'}"])
     assert glob.glob(str(tmp_path / "tb" / "**" / "metrics.csv"), recursive=True)
     assert not glob.glob(str(tmp_path / "root" / "**" / "metrics.csv"), recursive=True)
+
+
+def test_ckpt_path_best_skips_periodic_checkpoints_and_files_without_state(tmp_path):
+    """A periodic ModelCheckpoint (no monitor) listed first records its own last file as
+    "best_model_path"; a newer checkpoint without callback state hid the run's best."""
+    from rechub_lightning.cli import _best_checkpoint_under
+
+    run = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    run.mkdir(parents=True)
+    best, step = run / "best-epoch02.ckpt", run / "step015.ckpt"
+    for f in (best, step):
+        torch.save({"state_dict": {}}, f)
+    states = {
+        "ModelCheckpoint{'monitor': None, 'every_n_train_steps': 15}": {"monitor": None, "best_model_path": str(step)},
+        "ModelCheckpoint{'monitor': 'val/auc', 'mode': 'max'}": {"monitor": "val/auc", "best_model_path": str(best)},
+    }
+    torch.save({"state_dict": {}, "callbacks": states}, run / "last.ckpt")
+    import os
+    import time
+
+    export = tmp_path / "export"
+    export.mkdir()
+    torch.save({"state_dict": {}}, export / "model.ckpt")  # newest, no callback state
+    later = time.time() + 5
+    os.utime(export / "model.ckpt", (later, later))
+    assert _best_checkpoint_under(str(tmp_path)) == str(best)
+
+
+def test_resumed_csv_log_keeps_only_the_rows_before_the_checkpoint(tmp_path):
+    """The CSV step is the logger's (batches before the current one): a checkpoint at global step
+    15 came before the row logged at step 15, which the resumed run logs again."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from rechub_lightning.cli import _keep_csv_history
+
+    logger = CSVLogger(save_dir=str(tmp_path), name="logs", version=0)
+    log_dir = tmp_path / "logs" / "version_0"
+    log_dir.mkdir(parents=True)
+    pd.DataFrame({"epoch": [0, 0, 1, 1], "step": [13, 14, 14, 15], "train/loss": [0.7, 0.6, None, 0.5],
+                  "val/auc": [None, None, 0.61, None]}).to_csv(log_dir / "metrics.csv", index=False)
+    ckpt = tmp_path / "step015.ckpt"
+    torch.save({"global_step": 15}, ckpt)
+    _keep_csv_history(logger, str(ckpt))
+    kept = pd.read_csv(log_dir / "metrics.csv")
+    assert list(kept["step"]) == [13, 14, 14]
+    logger.log_metrics({"train/loss": 0.4}, step=15)
+    logger.save()
+    assert list(pd.read_csv(log_dir / "metrics.csv")["step"]) == [13, 14, 14, 15]
+
+
+def test_multi_task_predict_takes_the_task_types_of_the_checkpoint(tmp_path):
+    """Fit said task_types [classification, regression]; `rechub predict --ckpt_path` with the
+    config (which says [classification, classification]) squashed the regression output through a
+    sigmoid. The checkpoint's task types now win over the config's (an ESMM's derived labels too)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 1200
+    frame = pd.DataFrame({"u": [f"u{i}" for i in rng.integers(0, 40, n)], "i": [f"i{i}" for i in rng.integers(0, 60, n)]})
+    frame["click"] = (rng.random(n) < 0.4).astype(int)
+    frame["dwell"] = rng.random(n) * 50 + 10
+    csv = tmp_path / "mtl.csv"
+    frame.to_csv(csv, index=False)
+    common = ["--config", "configs/mtl/mmoe.yaml", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
+              "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={tmp_path}", f"--data.init_args.path={csv}",
+              "--data.init_args.labels=[click, dwell]", "--data.init_args.batch_size=256"]
+    main(["fit", *common, "--model.init_args.model.init_args.task_types=[classification, regression]"])
+    best = glob.glob(str(tmp_path / "**" / "best-*.ckpt"), recursive=True)[0]
+    out = tmp_path / "preds.csv"
+    main(["predict", *common, f"--ckpt_path={best}", f"--predict_output={out}"])
+    got = pd.read_csv(out)
+    from rechub_lightning import MTLModule
+    from rechub_lightning.data import MTLDataModule
+
+    dm = MTLDataModule(path=str(csv), labels=["click", "dwell"], preprocessing_from=best)
+    module = MTLModule.load_from_checkpoint(best).eval()
+    with torch.no_grad():
+        expect = module.predictions(module._outputs(dm.dataset("predict").x)).numpy()
+    assert np.abs(got["pred_dwell"].to_numpy() - expect[:, 1]).max() < 1e-5
+    assert got["pred_dwell"].max() > 1.0 or expect[:, 1].max() <= 1.0  # a raw value, not a probability

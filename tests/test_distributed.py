@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -196,3 +197,35 @@ def test_gather_predictions_orders_rows_by_lightnings_batch_indices():
     assert gather_predictions(preds, indices).tolist() == pytest.approx([0.0, 0.1, 0.2, 0.3])
     assert gather_predictions(preds, [[]]).tolist() == pytest.approx([0.3, 0.1, 0.2, 0.0])
     assert gather_predictions(preds).tolist() == pytest.approx([0.3, 0.1, 0.2, 0.0])
+
+
+def test_gather_predictions_keeps_each_dataloader_apart():
+    """Two predict loaders: each one's rows are ordered on their own, loader after loader (sorting
+    their indices together interleaved them)."""
+    from rechub_lightning.prediction import gather_predictions
+
+    preds = [[torch.tensor([1.0, 0.0])], [torch.tensor([10.0, 11.0, 12.0])]]
+    indices = [[[1, 0]], [[0, 1, 2]]]
+    assert gather_predictions(preds, indices).tolist() == pytest.approx([0.0, 1.0, 10.0, 11.0, 12.0])
+
+
+def test_prediction_writer_puts_a_plain_loaders_rows_in_dataset_order(tmp_path):
+    """A plain DataLoader that reads its rows in another order (a sampler): row i of the file is
+    dataset row i, as under DDP, where Lightning deals the rows to the ranks in turn."""
+    from torch.utils.data import DataLoader
+
+    from conftest import quiet_trainer_kwargs as quiet
+    from rechub_lightning.data import PredictDataset
+    from rechub_lightning.prediction import PredictionWriter
+
+    dm = CTRDataModule(synthetic_rows=600, synthetic_max_vocab=50)
+    module = CTRModule(DCNv2(schema=dm.schema, n_cross_layers=1, mlp_params=MLP)).eval()
+    x = {k: v.numpy() for k, v in dm.dataset("val").x.items()}
+    order = np.random.default_rng(0).permutation(len(next(iter(x.values())))).tolist()
+    out = tmp_path / "p.csv"
+    Trainer(callbacks=[PredictionWriter(str(out))], **quiet()).predict(
+        module, DataLoader(PredictDataset(x), batch_size=16, sampler=order), return_predictions=False)
+    with torch.no_grad():
+        expect = torch.sigmoid(module.model({k: torch.as_tensor(v) for k, v in x.items()}).reshape(-1)).numpy()
+    got = pd.read_csv(out)
+    assert np.abs(got["pred"].to_numpy() - expect).max() < 1e-6

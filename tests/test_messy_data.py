@@ -314,3 +314,38 @@ def test_preprocess_false_ids_outside_the_vocabulary_fail_before_training(tmp_pa
     kw = dict(label="label", preprocess=False, sparse_features=["c"], dense_features=["d"])
     with pytest.raises(ValueError, match=r"sparse feature 'c' in test data has id 50 outside \[0, 50\)"):
         CTRDataModule(path=str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"), **kw)
+
+
+@pytest.mark.parametrize("sep,joiner", [(None, " | "), (None, "| "), (",", ", ")])
+def test_spaces_around_the_history_separator_are_not_part_of_the_items(sep, joiner):
+    """"i1 | i2" kept " i2" as an item of its own, apart from the target column's "i2": the shared
+    vocabulary split in two and DIN's attention compared unrelated embeddings."""
+    rng = np.random.default_rng(0)
+    n = 400
+    items = [f"i{k}" for k in range(30)]
+    df = pd.DataFrame({
+        "item": rng.choice(items, n),
+        "hist": [joiner.join(rng.choice(items, 3)) for _ in range(n)],
+        "label": rng.integers(0, 2, n),
+    })
+    dm = CTRDataModule(data=df, label="label", sparse_features=["item"], sequence_features={"hist": "item"},
+                       sequence_sep=sep, split_ratio=(1.0, 0.0))
+    x = dm.dataset("train").x
+    assert dm.schema["item"].vocab_size == 31  # 30 items + the unknown/padding id, shared by both columns
+    first = [h.split(joiner.strip() or joiner)[0].strip() for h in df["hist"]]
+    target_id = dict(zip(df["item"], x["item"].tolist()))
+    known = [i for i, f in enumerate(first) if f in target_id]
+    assert known and all(int(x["hist"][i][x["hist"][i] > 0][0]) == target_id[first[i]] for i in known)
+
+
+def test_an_epoch_timestamp_inferred_as_dense_is_named():
+    """A column of whole numbers unique per row (epoch seconds, a request id) was silently used as a
+    scaled dense feature; README promised a warning for columns unique per row."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    df = pd.DataFrame({"item": [f"i{k}" for k in rng.integers(0, 50, n)], "price": rng.random(n) * 10,
+                       "qty": rng.integers(1, 5, n), "timestamp": 1_600_000_000 + rng.permutation(n) * 37,
+                       "label": rng.integers(0, 2, n)})
+    with pytest.warns(UserWarning, match=r"'timestamp' was inferred as a dense feature with \d+ distinct whole numbers") as got:
+        CTRDataModule(data=df, label="label")
+    assert not [w for w in got if "'qty'" in str(w.message) or "'price'" in str(w.message)]

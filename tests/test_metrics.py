@@ -356,6 +356,28 @@ def test_topk_hitrate_is_not_reference_hit() -> None:
     assert out["recall@3"] == 0.5
 
 
+def test_topk_refuses_fractional_float_ids() -> None:
+    # 3.7 used to become item 3 and count as a hit; whole floats (3.0) still work
+    topk, relevant = torch.tensor([[3, 1, 2]]), [[3]]
+    want = topk_metrics(topk, relevant, ks=(1, 3))
+    assert want["recall@1"] == 1.0
+    assert topk_metrics(topk.double(), relevant, ks=(1, 3)) == want
+    assert topk_metrics([[3.0, 1.0, 2.0]], torch.tensor([[3.0, -1.0]]), ks=(1, 3)) == want
+    for bad_topk, bad_relevant, name, value in [
+        (torch.tensor([[3.7, 1.0, 2.0]], dtype=torch.float64), relevant, "topk_items", "3.7"),
+        ([[3.7, 1, 2]], relevant, "topk_items", "3.7"),
+        (topk, torch.tensor([[3.5]]), "relevant", "3.5"),
+        (topk, [[np.float32(2.5), 3]], "relevant", "2.5"),
+        (topk, torch.tensor([[float("nan")]]), "relevant", "nan"),
+        ([[float("inf")]], relevant, "topk_items", "inf"),
+    ]:
+        with pytest.raises(ValueError, match=f"{name} must hold integer item ids, got the float {value}"):
+            topk_metrics(bad_topk, bad_relevant, ks=(1, 3))
+    metric = RetrievalTopK(ks=(1,))
+    with pytest.raises(ValueError, match="topk_items .* 3.7"):
+        metric.update(torch.tensor([[3.7]], dtype=torch.float64), torch.tensor([[3]]))
+
+
 def test_retrieval_topk_accumulates_batches() -> None:
     topk, relevant = random_topk(50, 40, 12, seed=9)
     ks = (5, 10, 20)

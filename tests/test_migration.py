@@ -601,3 +601,17 @@ def test_reference_trainer_attributes_read_what_the_run_uses(tmp_path):
     user, item = SparseFeature("user_id", 5, embed_dim=8), SparseFeature("item_id", 7, embed_dim=8)
     match = MatchTrainer(DSSM([user], [item], {"dims": [8]}, {"dims": [8]}), mode=0, in_batch_neg=True, model_path=str(tmp_path))
     assert match.in_batch_neg is True and match.hard_negative is False and match.in_batch_neg_ratio is None
+
+
+def test_learning_rate_set_on_the_trainers_optimizer_before_fit_is_used(tmp_path):
+    """The reference builds its optimizer in __init__, so `trainer.optimizer.param_groups[0]["lr"] = x`
+    before fit takes effect there; fit built a fresh optimizer and ignored it."""
+    x, y = ctr_columns()
+    model = DeepFM(FEATS + [DenseFeature("d")], FEATS, {"dims": [8]})
+    trainer = CTRTrainer(model, optimizer_params={"lr": 0.02}, n_epoch=1, model_path=str(tmp_path),
+                         trainer_kwargs=quiet_trainer_kwargs())
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = 0.5
+    dl = DataLoader(TorchDataset(x, y), batch_size=64)
+    trainer.fit(dl, dl)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([0.5] * len(trainer.optimizer.param_groups))

@@ -101,6 +101,77 @@ def test_topk_search_exclusion_leaves_fewer_than_k() -> None:
     assert (ids[1] >= 100).all()
 
 
+def ref_topk_excluding(scores: np.ndarray, excluded: list[list[int]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top k not-excluded columns per row by (score descending, column ascending), padded with -1."""
+    out_scores = np.full((len(scores), k), -np.inf)
+    out_rows = np.full((len(scores), k), -1)
+    for u, row in enumerate(scores):
+        cols = [c for c in np.lexsort((np.arange(len(row)), -row)) if c not in set(excluded[u])][:k]
+        out_rows[u, : len(cols)], out_scores[u, : len(cols)] = cols, row[cols]
+    return out_scores, out_rows
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 100])
+@pytest.mark.parametrize("interests", [0, 2])
+def test_topk_search_exclusion_keeps_items_scored_minus_inf(chunk_size: int, interests: int) -> None:
+    # items with -inf in the first coordinate score -inf for every user: they are real items and
+    # come back with their ids when not excluded, after the finite ones; -1 means "no item left"
+    users, items = tied_embeddings(12, 10, seed=4)
+    items[[1, 4, 5, 8], 0] = float("-inf")
+    users[:, 0] = torch.rand(12, generator=torch.Generator().manual_seed(0)) + 0.5  # > 0: no inf * 0
+    rng = np.random.default_rng(1)
+    excluded = [sorted(rng.choice(10, size=int(rng.integers(0, 9)), replace=False).tolist()) for _ in range(12)]
+    excluded[0], excluded[1] = [0, 2, 3, 6, 7, 9], [0, 1, 2, 3, 4, 6, 7, 9]  # only -inf items, only item 5 and 8
+    if interests:
+        users = torch.stack([users, users + torch.tensor([0.0, 1.0, -1.0])], 1)
+    scores = (users @ items.T).amax(1) if interests else users @ items.T
+    assert scores.isinf().any() and not scores.isnan().any()
+    want_scores, want_rows = ref_topk_excluding(scores.numpy(), excluded, 7)
+    got_scores, got_rows = topk_search(users, items, k=7, chunk_size=chunk_size, exclude=excluded)
+    assert np.array_equal(got_rows.numpy(), want_rows)
+    assert np.array_equal(got_scores.numpy(), want_scores)
+    assert got_rows[0].tolist() == [1, 4, 5, 8, -1, -1, -1] and got_rows[1].tolist() == [5, 8, -1, -1, -1, -1, -1]
+    item_ids = torch.arange(100, 110)
+    _, got_ids = topk_search(users, items, k=7, chunk_size=chunk_size, exclude=excluded, item_ids=item_ids)
+    assert torch.equal(got_ids, torch.where(got_rows < 0, -1, got_rows + 100))
+
+
+def test_select_from_candidates_keeps_items_scored_minus_inf() -> None:
+    # FaissIndex's merge of per-interest candidates: empty slots (-1) and repeats last, as -1
+    from rechub_lightning.retrieval import _select_from_candidates
+
+    inf = float("inf")
+    scores = torch.tensor([[-inf, 1.0, 0.5, 2.0, -inf, 3.0], [-inf, -inf, -inf, -inf, -inf, -inf]])
+    rows = torch.tensor([[4, 2, 2, -1, 6, -1], [7, -1, 3, 7, -1, -1]])
+    got_scores, got_rows = _select_from_candidates(scores, rows, 5)
+    assert got_rows.tolist() == [[2, 4, 6, -1, -1], [3, 7, -1, -1, -1]]
+    assert got_scores.tolist() == [[1.0, -inf, -inf, -inf, -inf], [-inf] * 5]
+
+
+def test_topk_search_refuses_nan_scores() -> None:
+    # a NaN score would rank first for every user: refuse it, naming the broken row
+    users, items = torch.randn(6, 4), torch.randn(20, 4)
+    items[[7, 12], 2] = float("nan")
+    with pytest.raises(ValueError, match=r"item_emb has NaN in 2 of 20 items, the first at row 7 \(item id 107\)"):
+        topk_search(users, items, k=3, chunk_size=4, item_ids=torch.arange(100, 120))
+    with pytest.raises(ValueError, match="item_emb has NaN in 2 of 20 items, the first at row 7:"):
+        topk_search(users.unsqueeze(1).expand(6, 3, 4), items, k=20)
+    index = ExactIndex()
+    index.add(items)
+    with pytest.raises(ValueError, match="item_emb has NaN"):
+        index.search(users, k=3)
+    # a NaN item every user excludes never reaches a list: the search is then sound
+    scores, ids = topk_search(users, items, k=3, exclude=[[7, 12]] * 6)
+    want = topk_search(users, items[[i for i in range(20) if i not in (7, 12)]], k=3)
+    assert torch.equal(scores, want[0])
+    users[4, 1] = float("nan")
+    with pytest.raises(ValueError, match="user_emb has NaN in 1 of 6 users, the first at row 4"):
+        topk_search(users, torch.randn(20, 4), k=3)
+    # inf - inf without any NaN in the embeddings
+    with pytest.raises(ValueError, match="scores of user row 0 hold NaN"):
+        topk_search(torch.ones(1, 2), torch.tensor([[float("inf"), float("-inf")], [1.0, 1.0]]), k=1)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 64])
 def test_topk_search_multi_interest_max(chunk_size: int) -> None:
     g = torch.Generator().manual_seed(3)
@@ -270,9 +341,67 @@ def test_reference_engine_euclidean_chunks_and_n(monkeypatch: pytest.MonkeyPatch
             annoy.query(queries[0], bad)  # type: ignore[arg-type]
 
 
+def brute_force_angular(items: np.ndarray, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the ``n`` nearest items by (float64 |q/|q| - x/|x||, row) and those distances."""
+    x = items.astype(np.float64) / np.linalg.norm(items.astype(np.float64), axis=1, keepdims=True)
+    q = queries.astype(np.float64) / np.linalg.norm(queries.astype(np.float64), axis=1, keepdims=True)
+    dist = np.sqrt(((q[:, None, :] - x[None]) ** 2).sum(-1))
+    rows = np.stack([np.lexsort((np.arange(len(items)), d))[:n] for d in dist])
+    return rows, np.take_along_axis(dist, rows, 1)
+
+
+def test_reference_engine_angular_tells_near_duplicate_directions_apart() -> None:
+    # directions 1e-6 .. 1e-4 rad from a base, at norms 0.01 .. 100: a float32 cosine is 1 for
+    # all of them (ties, distance 0); the float64 brute force orders them and gives the angles
+    from rechub_lightning.retrieval import Annoy
+
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=8)
+    base /= np.linalg.norm(base)
+    angles = 1e-6 * 1.25 ** rng.permutation(21)
+    perp = rng.normal(size=(21, 8))
+    perp -= (perp @ base)[:, None] * base
+    perp /= np.linalg.norm(perp, axis=1, keepdims=True)
+    near = (np.cos(angles)[:, None] * base + np.sin(angles)[:, None] * perp) * 10.0 ** rng.uniform(-2, 2, (21, 1))
+    items = np.concatenate([near, rng.normal(size=(100, 8))]).astype(np.float32)
+    queries = np.stack([base, -base, near[3] * 3.0, rng.normal(size=8)]).astype(np.float32)
+    want_rows, want_dist = brute_force_angular(items, queries, 25)
+    annoy = Annoy(metric="angular")
+    annoy.fit(items)
+    for u in range(len(queries)):
+        rows, dist = annoy.query(queries[u], 25)
+        assert rows == want_rows[u].tolist()
+        np.testing.assert_allclose(dist, want_dist[u], rtol=1e-9, atol=1e-14)
+    rows, dist = annoy.query(items[5], 2)
+    assert rows[0] == 5 and dist[0] == 0.0 and dist[1] > 1e-7
+
+
+def test_reference_engine_angular_zero_vectors_and_nan() -> None:
+    # as in Annoy, a zero vector has cos = 0 with every vector, itself included: distance sqrt(2)
+    from rechub_lightning.retrieval import Annoy, Faiss
+
+    items = np.array([[1.0, 0.0], [0.0, 0.0], [-1.0, 0.1], [0.0, 1.0]], dtype=np.float32)
+    annoy = Annoy(metric="angular")
+    annoy.fit(items)
+    rows, dist = annoy.query(np.array([1.0, 0.05]), 4)
+    assert rows == [0, 3, 1, 2]
+    np.testing.assert_allclose(dist[2], np.sqrt(2.0), rtol=1e-12)
+    rows, dist = annoy.query(np.zeros(2), 4)
+    assert rows == [0, 1, 2, 3]
+    np.testing.assert_allclose(dist, [np.sqrt(2.0)] * 4, rtol=1e-12)
+    # NaN vectors are refused, naming the row, rather than ranked first (or last)
+    items[2, 1] = np.nan
+    for engine in (Annoy(metric="angular"), Annoy(metric="euclidean"), Faiss(dim=2, metric="ip")):
+        with pytest.raises(ValueError, match="X has NaN in 1 of 4 items, the first at row 2"):
+            engine.fit(items)
+        engine.fit(items[[0, 1, 3]])
+        with pytest.raises(ValueError, match="v has NaN in 1 of 2 query vectors, the first at row 1"):
+            engine._search(np.array([[1.0, 0.0], [np.nan, 0.0]], dtype=np.float32), 2)
+
+
 @pytest.mark.parametrize("metric", ["angular", "dot"])
 def test_reference_engines_other_metrics_unchanged(metric: str) -> None:
-    # angular and dot still rank by float32 cosine / inner product, as Annoy does
+    # angular ranks by the cosine (computed exactly), dot by the inner product, as Annoy does
     from rechub_lightning.retrieval import Annoy
 
     rng = np.random.default_rng(3)

@@ -188,15 +188,22 @@ class RecHubCLI(LightningCLI):
         unless this command line names them: predictions are written as ``pred_<label>``."""
         given = getattr(self, "_cli_args", None)
         given = list(sys.argv[1:] if given is None else given) if not isinstance(given, dict) else []
-        if any(isinstance(a, str) and a.split("=")[0] in ("--data.label", "--data.labels", "--data.init_args.label", "--data.init_args.labels")
-               for a in given):
-            return
+        named = {a.split("=")[0].replace(".init_args.", ".") for a in given if isinstance(a, str)}
         from .data.base import load_preprocessing_state
 
         try:
-            trained = list((load_preprocessing_state(ckpt).get("schema") or {}).get("labels") or [])
+            state = load_preprocessing_state(ckpt)
         except (ValueError, OSError):
             return  # not our checkpoint: the datamodule reports it
+        self._task_types_from_checkpoint(state, named)
+        derived = state.get("derived_labels")
+        if derived is not None and "derived_labels" in init_args and "--data.derived_labels" not in named:
+            if dict(init_args.get("derived_labels") or {}) != derived:
+                log.info(f"Derived labels {derived} from the checkpoint (configured: {init_args.get('derived_labels')})")
+                init_args["derived_labels"] = derived
+        if named & {"--data.label", "--data.labels"}:
+            return
+        trained = list((state.get("schema") or {}).get("labels") or [])
         if not trained:
             return
         if "label" in init_args and len(trained) == 1 and init_args.get("label") != trained[0]:
@@ -227,6 +234,26 @@ class RecHubCLI(LightningCLI):
     def before_test(self) -> None:
         self._warn_split_of_path("test")
 
+    def _task_types_from_checkpoint(self, state: Any, named: set[str]) -> None:
+        """The task types the checkpoint was trained with (a multi-task config says
+        ``[classification, classification]``; fit may have said ``[classification, regression]``),
+        unless this command line names them. They change no parameter, so a mismatch would load
+        silently and squash a regression output through a sigmoid."""
+        trained = list(state.get("task_types") or [])
+        if len(trained) < 2 or any(a.endswith("task_types") for a in named):
+            return
+        sub = self.config.get("subcommand")
+        model = (self.config.get(sub) if sub else self.config).get("model")
+        init = model.get("init_args") if model is not None and hasattr(model, "get") else None
+        if init is None:
+            return
+        net = init.get("model")
+        targets = [init] + ([net.get("init_args")] if net is not None and hasattr(net, "get") and net.get("init_args") is not None else [])
+        for args in targets:
+            if "task_types" in args and args.get("task_types") is not None and list(args.get("task_types")) != trained:
+                log.info(f"Task types {trained} from the checkpoint (configured: {list(args.get('task_types'))})")
+                args["task_types"] = trained
+
     def after_fit(self) -> None:
         trainer = self.trainer
         cb = trainer.checkpoint_callback
@@ -246,24 +273,25 @@ class RecHubCLI(LightningCLI):
 
 
 def _best_checkpoint_under(root: str) -> str | None:
-    """The best checkpoint of the newest run under ``root``: the ``best_model_path`` its
-    ModelCheckpoint recorded in the newest checkpoint file, else that run's newest ``best*.ckpt``."""
+    """The best checkpoint of the newest run under ``root``: the ``best_model_path`` that a
+    monitoring ModelCheckpoint recorded in the newest checkpoint holding one, else the newest
+    ``best*.ckpt``. Periodic checkpoints (no monitor) record their own last file: never chosen."""
     from .checkpoint import read_checkpoint
 
-    found = sorted(glob.glob(os.path.join(root, "**", "*.ckpt"), recursive=True), key=os.path.getmtime)
-    if not found:
-        return None
-    try:
-        states = read_checkpoint(found[-1]).get("callbacks") or {}
-    except (ValueError, OSError):
-        states = {}
-    for key, state in states.items():
-        path = state.get("best_model_path") if str(key).startswith("ModelCheckpoint") and isinstance(state, dict) else None
-        if path and os.path.exists(path):
-            return str(path)
-    run = os.path.dirname(found[-1])
-    best = sorted(glob.glob(os.path.join(run, "best*.ckpt")), key=os.path.getmtime)
-    return best[-1] if best else None
+    found = sorted(glob.glob(os.path.join(root, "**", "*.ckpt"), recursive=True), key=os.path.getmtime, reverse=True)
+    for path in found:
+        try:
+            states = read_checkpoint(path).get("callbacks") or {}
+        except (ValueError, OSError):
+            continue
+        for key, state in states.items():
+            if not (str(key).startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("monitor")):
+                continue
+            best = state.get("best_model_path")
+            if best and os.path.exists(best):
+                return str(best)
+    best_named = [p for p in found if os.path.basename(p).startswith("best")]
+    return best_named[0] if best_named else None
 
 
 def _continue_run_folder(trainer: L.Trainer, ckpt: str) -> None:
@@ -311,7 +339,9 @@ def _keep_csv_history(logger: CSVLogger, ckpt: str) -> None:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             header = list(reader.fieldnames or [])
-            rows = [r for r in reader if not r.get("step") or int(float(r["step"])) <= step]
+            # the logger's step counts the batches before the current one: a checkpoint at global
+            # step N was written after the rows logged at steps < N
+            rows = [r for r in reader if not r.get("step") or int(float(r["step"])) < step]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
         writer = logger.experiment  # deletes metrics.csv

@@ -348,20 +348,46 @@ def _log_loss_sum(preds: Tensor, target: Tensor, from_logits: bool, validate: bo
 
 # --------------------------------------------------------------------------- top-K
 def _to_padded(rows: RelevantLike, name: str, device: torch.device | None = None) -> Tensor:
-    """A (U, M) int64 tensor padded with -1 from a tensor or a ragged sequence of rows."""
+    """A (U, M) int64 tensor padded with -1 from a tensor or a ragged sequence of rows.
+
+    Float ids are accepted when they are whole numbers (``3.0``); others (``3.7``, NaN, inf)
+    raise a ``ValueError`` rather than being truncated to a different item.
+    """
     if isinstance(rows, Tensor):
         if rows.dim() != 2:
             raise ValueError(f"{name} must be a 2-d tensor (users, items), got shape {tuple(rows.shape)}")
+        if rows.is_floating_point():
+            _check_whole(rows, name)
         return rows.long().to(device) if device is not None else rows.long()
     lists = [_as_list(r) for r in rows]
     lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-    try:
-        flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lengths.sum()))
-    except (TypeError, ValueError) as e:
+    values = list(itertools.chain.from_iterable(lists))
+    flat = np.asarray(values) if values else np.zeros(0, dtype=np.int64)
+    if flat.ndim == 1 and flat.dtype.kind == "f":
+        _check_whole(torch.from_numpy(flat), name)
+    elif flat.ndim != 1 or flat.dtype.kind not in "iub" or (flat.dtype.kind == "u" and flat.size and flat.max() > _INT64_MAX):
+        # nested rows, strings, objects numpy could not type, or ids beyond int64: int64 or an error
+        try:
+            flat = np.fromiter(values, dtype=np.int64, count=len(values))
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ValueError(
+                f"{name} must hold integer item ids ({e}); for other ids use the {{user: items}} dict form"
+            ) from e
+    return _pad_flat(flat.astype(np.int64, copy=False), lengths, device)
+
+
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def _check_whole(ids: Tensor, name: str) -> None:
+    """Raise a ``ValueError`` naming the first float id of ``ids`` that is not a whole number."""
+    bad = (ids != ids.floor()) | ~ids.isfinite()
+    if bool(bad.any()):
+        first = ids[bad].flatten()[0].item()
         raise ValueError(
-            f"{name} must hold integer item ids ({e}); for other ids use the {{user: items}} dict form"
-        ) from e
-    return _pad_flat(flat, lengths, device)
+            f"{name} must hold integer item ids, got the float {first!r} ({int(bad.sum())} such id(s)); "
+            "float ids are accepted only when whole (3.0)"
+        )
 
 
 def _integer_ids(*groups: list[list[Any]]) -> tuple[list[list[Any]], ...]:
@@ -504,7 +530,8 @@ def topk_metrics(
         topk_items: recommended item ids in rank order, a ``(U, K)`` integer tensor or a
             sequence of ``U`` ranked lists (padded with ``-1``).
         relevant: the held-out items of each user, a ``(U, M)`` integer tensor padded with
-            ``-1`` or a sequence of ``U`` lists/sets/tensors of item ids (ids are >= 0).
+            ``-1`` or a sequence of ``U`` lists/sets/tensors of item ids (ids are >= 0; whole
+            floats such as ``3.0`` are read as integers, other floats are refused).
         ks: cut-offs (default ``(5, 10, 20)``).
         y_true, y_pred, topKs: Torch-RecHub's call, ``topk_metrics(y_true, y_pred, topKs)``:
             ``{user: held-out items}`` and ``{user: ranked recommendations}`` dicts, users
@@ -516,7 +543,8 @@ def topk_metrics(
         as Python floats (also for the Torch-RecHub call, which returned rounded strings).
 
     Raises:
-        ValueError: if the numbers of users differ or a cut-off is not a positive int.
+        ValueError: if the numbers of users differ, a cut-off is not a positive int, or an id
+            of the tensor/list form is a float that is not a whole number (``3.7``, NaN).
         KeyError: if ``y_pred`` has no recommendations for a user of ``y_true``.
 
     Example:

@@ -37,36 +37,38 @@ def _flatten(predictions: Any) -> list[torch.Tensor]:
     return out
 
 
-def _row_indices(batch_indices: Any, n: int) -> torch.Tensor | None:
-    """The dataset rows behind this rank's ``n`` predictions, from Lightning's ``batch_indices``.
+def _row_keys(batch_indices: Any, n: int) -> torch.Tensor | None:
+    """Sort keys ``(dataloader, dataset row)`` of this rank's ``n`` predictions, from Lightning's
+    ``batch_indices`` (one list per dataloader, of one list of row indices per batch).
 
     Lightning records them for a plain ``DataLoader`` (its batch sampler is wrapped); under DDP
     such a loader is re-sampled so that rank ``r`` reads rows ``r, r + world, ...``. Our loaders
     give none (``[]``): they already hand each rank a contiguous slice in order.
     """
-    flat: list[int] = []
-    stack = [batch_indices]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, (int, np.integer)):
-            flat.append(int(item))
-        elif isinstance(item, (list, tuple)):
-            stack.extend(reversed(item))
-    if not flat or len(flat) != n:
+    if not isinstance(batch_indices, (list, tuple)):
         return None
-    return torch.tensor(flat, dtype=torch.long)
+    keys: list[int] = []
+    for loader, batches in enumerate(batch_indices):
+        for batch in batches or ():
+            if not isinstance(batch, (list, tuple)):
+                return None
+            keys.extend((loader << 40) | int(i) for i in batch)
+    if not keys or len(keys) != n:
+        return None
+    return torch.tensor(keys, dtype=torch.long)
 
 
 def gather_predictions(predictions: Any, batch_indices: Any = None) -> torch.Tensor | None:
     """This rank's prediction batches concatenated, then all ranks' in row order (on every rank).
 
     Without ``batch_indices`` (or with our loaders, which record none) the ranks' slices are
-    joined in rank order. With the indices Lightning records for a plain ``DataLoader``, the rows
-    are put back in dataset order, whichever rank predicted them.
+    joined in rank order. With the indices Lightning records for a plain ``DataLoader`` (one list
+    per dataloader), the rows are put back in dataset order, dataloader after dataloader,
+    whichever rank predicted them.
     """
     parts = _flatten(predictions)
     local = torch.cat([p.detach().cpu() for p in parts]) if parts else None
-    rows = _row_indices(batch_indices, len(local)) if local is not None and batch_indices is not None else None
+    rows = _row_keys(batch_indices, len(local)) if local is not None and batch_indices is not None else None
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return local if rows is None else local[torch.argsort(rows, stable=True)]
     gathered: list[Any] = [None] * dist.get_world_size()
@@ -245,9 +247,10 @@ class MatchPredictionWriter(BasePredictionWriter):
         self.chunk_size = int(chunk_size)
         self.frames: dict[str, pd.DataFrame] = {}
         self._parts: dict[int, list[torch.Tensor]] = {}
+        self._indices: dict[int, list[Any]] = {}  # a plain DataLoader's batch indices (ours have none)
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._parts = {}
+        self._parts, self._indices = {}, {}
 
     def write_on_batch_end(
         self,
@@ -265,6 +268,8 @@ class MatchPredictionWriter(BasePredictionWriter):
                 f"(dataloader {dataloader_idx})"
             )
         self._parts.setdefault(int(dataloader_idx), []).append(prediction.detach().cpu())
+        if batch_indices:
+            self._indices.setdefault(int(dataloader_idx), []).append(list(batch_indices))
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -298,9 +303,9 @@ class MatchPredictionWriter(BasePredictionWriter):
 
     # ------------------------------------------------------------------ writing
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any) -> None:
-        users = gather_predictions(self._parts.get(0, []))
-        items = gather_predictions(self._parts.get(1, []))
-        self._parts = {}
+        users = gather_predictions(self._parts.get(0, []), [self._indices.get(0, [])])
+        items = gather_predictions(self._parts.get(1, []), [self._indices.get(1, [])])
+        self._parts, self._indices = {}, {}
         if not trainer.is_global_zero:
             return
         if users is None or items is None:

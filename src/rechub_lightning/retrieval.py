@@ -86,20 +86,80 @@ def _stable_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def _select_from_candidates(scores: Tensor, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Best ``k`` distinct item rows among candidates ``(U, C)`` (rows < 0 are empty slots).
 
-    A row listed several times keeps its highest score. Order: score descending, row ascending.
+    A row listed several times keeps its highest score. Order: score descending, row ascending,
+    empty slots last (score ``-inf``, row ``-1``); an item scored ``-inf`` keeps its row.
     """
-    scores = torch.where(rows < 0, torch.full_like(scores, float("-inf")), scores)
     # within each item row, best score first; then mark repeats
     order = scores.sort(dim=1, descending=True, stable=True).indices
     rows, scores = rows.gather(1, order), scores.gather(1, order)
     order = rows.sort(dim=1, stable=True).indices
     rows, scores = rows.gather(1, order), scores.gather(1, order)
-    repeat = torch.zeros_like(rows, dtype=torch.bool)
-    repeat[:, 1:] = rows[:, 1:] == rows[:, :-1]
-    scores = scores.masked_fill(repeat, float("-inf"))
-    order = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]
-    scores, rows = scores.gather(1, order), rows.gather(1, order)
-    return scores, rows.masked_fill(scores == float("-inf"), -1)
+    dropped = rows < 0
+    dropped[:, 1:] |= rows[:, 1:] == rows[:, :-1]
+    order = scores.sort(dim=1, descending=True, stable=True).indices
+    rows, scores, dropped = rows.gather(1, order), scores.gather(1, order), dropped.gather(1, order)
+    order = dropped.to(torch.uint8).sort(dim=1, stable=True).indices[:, :k]
+    scores, rows, dropped = scores.gather(1, order), rows.gather(1, order), dropped.gather(1, order)
+    return scores.masked_fill(dropped, float("-inf")), rows.masked_fill(dropped, -1)
+
+
+def _refill_after_exclusion(scores: Tensor, vals: Tensor, rows: Tensor, excluded: tuple[Tensor, Tensor]) -> Tensor:
+    """Item rows of a chunk's top-K with excluded items replaced by genuine ``-inf`` items, then ``-1``.
+
+    Excluded items are scored ``-inf`` in ``scores``, so they tie with items whose own score
+    is ``-inf`` and may take their places. Only rows whose K-th score is ``-inf`` are affected;
+    for those, the ``-inf`` places are refilled with the non-excluded ``-inf`` items, lowest row
+    first, and the places left over get ``-1`` ("no item left"). A few rows at a time, as in
+    :func:`_stable_topk`.
+    """
+    k = rows.shape[1]
+    user, item = excluded
+    has_exclusion = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+    has_exclusion[user] = True
+    affected = has_exclusion & (vals[:, -1] == float("-inf"))
+    if not bool(affected.any()):
+        return rows
+    rows = rows.clone()
+    slot = torch.full((len(rows),), -1, dtype=torch.long, device=rows.device)
+    for block in affected.nonzero().squeeze(1).split(64):
+        slot[block] = torch.arange(len(block), device=rows.device)
+        listed = slot[user] >= 0
+        is_excluded = torch.zeros(len(block), scores.shape[1], dtype=torch.bool, device=rows.device)
+        is_excluded[slot[user[listed]], item[listed]] = True
+        slot[block] = -1
+        genuine = (scores[block] == float("-inf")) & ~is_excluded
+        n_finite = (vals[block] > float("-inf")).sum(1)
+        rank = genuine.cumsum(1, dtype=torch.int32) - 1  # among this row's genuine -inf items
+        chosen = genuine & (rank < (k - n_finite).unsqueeze(1))
+        at, col = chosen.nonzero().unbind(1)
+        filled = torch.full((len(block), k), -1, dtype=torch.long, device=rows.device)
+        filled[at, n_finite[at] + rank[at, col].long()] = col
+        keep = torch.arange(k, device=rows.device) < n_finite.unsqueeze(1)
+        rows[block] = torch.where(keep, rows[block], filled)
+    return rows
+
+
+def _raise_for_nan_scores(user_emb: Tensor, item_emb: Tensor, scores: Tensor, item_ids: Tensor | None) -> None:
+    """Raise a ``ValueError`` naming where the NaN scores of :func:`topk_search` come from."""
+    bad_items = item_emb.isnan().any(1).nonzero().squeeze(1)
+    if bad_items.numel():
+        first = int(bad_items[0])
+        named = f"row {first}" + (f" (item id {int(item_ids.flatten()[first])})" if item_ids is not None else "")
+        raise ValueError(
+            f"item_emb has NaN in {bad_items.numel()} of {item_emb.shape[0]} items, the first at {named}: "
+            "NaN scores cannot be ranked"
+        )
+    bad_users = user_emb.reshape(user_emb.shape[0], -1).isnan().any(1).nonzero().squeeze(1)
+    if bad_users.numel():
+        raise ValueError(
+            f"user_emb has NaN in {bad_users.numel()} of {user_emb.shape[0]} users, the first at row "
+            f"{int(bad_users[0])}: NaN scores cannot be ranked"
+        )
+    first_user = int(scores.isnan().any(1).nonzero()[0, 0])
+    raise ValueError(
+        f"the scores of user row {first_user} hold NaN (inf - inf from infinite embedding values, or "
+        f"products overflowing {scores.dtype}): NaN scores cannot be ranked"
+    )
 
 
 @torch.no_grad()
@@ -129,14 +189,19 @@ def topk_search(
         exclude: item **rows** (positions in ``item_emb``, not ids) never to return per user,
             e.g. the training items: CSR ``(indptr (U + 1,), indices)`` tensors or one
             sequence per user. If fewer than ``k`` items are left for a user, the trailing
-            places hold score ``-inf`` and id ``-1``.
+            places hold score ``-inf`` and id ``-1``; id ``-1`` means only that (an item that
+            is not excluded and scores ``-inf`` is returned with its id).
         item_ids: ``(N,)`` ids returned in place of item rows.
 
     Returns:
         ``(scores (U, min(k, N)), ids (U, min(k, N)))``, best first; ids are int64.
 
     Raises:
-        ValueError: on bad shapes, devices, ``k`` or ``chunk_size``, or out-of-range exclusions.
+        ValueError: on bad shapes, devices, ``k`` or ``chunk_size``, or out-of-range exclusions;
+            and if a returned score would be NaN (an embedding holding NaN, named by its row,
+            or ``inf - inf``): NaN scores would otherwise rank first for every user. The check
+            costs nothing until a NaN reaches the top ``k``, so a NaN item that every user
+            excludes goes unnoticed.
 
     Example:
         >>> import torch
@@ -177,18 +242,23 @@ def topk_search(
             scores = chunk[:, 0] @ items_t
             for i in range(1, chunk.shape[1]):
                 torch.maximum(scores, chunk[:, i] @ items_t, out=scores)
+        excluded: tuple[Tensor, Tensor] | None = None
         if csr is not None:
             indptr, indices = csr
             lo, hi = int(indptr[start]), int(indptr[stop])
             if hi > lo:
                 counts = indptr[start + 1 : stop + 1] - indptr[start:stop]
                 row = torch.repeat_interleave(torch.arange(stop - start, device=device), counts)
-                scores[row, indices[lo:hi]] = float("-inf")
+                excluded = row, indices[lo:hi]
+                scores[excluded] = float("-inf")
         if kk:
-            out_scores[start:stop], out_rows[start:stop] = _stable_topk(scores, kk)
+            vals, rows = _stable_topk(scores, kk)
+            if excluded is not None:
+                rows = _refill_after_exclusion(scores, vals, rows, excluded)
+            out_scores[start:stop], out_rows[start:stop] = vals, rows
         del scores  # free this chunk's scores before the next product is allocated
-    if csr is not None:
-        out_rows.masked_fill_(out_scores == float("-inf"), -1)
+    if kk and bool(out_scores.isnan().any()):
+        _raise_for_nan_scores(user_emb, item_emb, out_scores, item_ids)
     if item_ids is None:
         return out_scores, out_rows
     ids = item_ids.to(device=device, dtype=torch.long)[out_rows.clamp(min=0)]
@@ -398,13 +468,18 @@ class _ReferenceEngine:
     similarity (larger is closer: ``"dot"``, ``"ip"``). Ties break by the lower item row and no
     package is needed.
 
-    ``"angular"``, ``"dot"`` and ``"ip"`` are :func:`topk_search` over (normalised) float32
-    vectors. Euclidean search ranks by ``2 q.x - |x|^2``, which cancels catastrophically in
-    float32 for vectors far from the origin compared with their spacing, so it is computed in
-    float64 relative to the corpus mean (distances do not change under translation), and the
-    best ``n + 16`` candidates are re-ranked by ``|q - x|`` computed directly in float64, which
-    also gives the returned distances. Queries are scored ``512`` at a time, so memory stays at
-    ``512 x n_items`` scores.
+    ``"dot"`` and ``"ip"`` are :func:`topk_search` over float32 vectors. Euclidean search ranks
+    by ``2 q.x - |x|^2``, which cancels catastrophically in float32 for vectors far from the
+    origin compared with their spacing, so it is computed in float64 relative to the corpus mean
+    (distances do not change under translation), and the best ``n + 16`` candidates are
+    re-ranked by ``|q - x|`` computed directly in float64, which also gives the returned
+    distances. Queries are scored ``512`` at a time, so memory stays at ``512 x n_items`` scores.
+
+    ``"angular"`` is that Euclidean search over the vectors normalised in float64, since
+    ``|q/|q| - x/|x||`` is exactly Annoy's ``sqrt(2 - 2 cos)``; ranking by a float32 cosine
+    instead cannot tell apart directions less than about ``3e-4`` apart. As in Annoy, a zero
+    vector has ``cos = 0`` with every vector (distance ``sqrt(2)``): each normalised vector gets
+    two more coordinates, 1 in the first for a zero item and in the second for a zero query.
     """
 
     _METRICS: tuple[str, ...] = ()
@@ -421,6 +496,8 @@ class _ReferenceEngine:
             raise ValueError(f"metric must be one of {self._METRICS}, got {metric!r}")
         self._metric = metric
         self._items: Tensor | None = None
+        #: the points the Euclidean search runs on: the items, or for "angular" their lifted directions
+        self._points: Tensor | None = None
         self._center: Tensor | None = None
         self._augmented: Tensor | None = None
 
@@ -429,10 +506,13 @@ class _ReferenceEngine:
         items = torch.as_tensor(np.asarray(X, dtype=np.float32))
         if items.dim() != 2 or items.shape[0] == 0:
             raise ValueError(f"X must be a non-empty (n_items, dim) array, got shape {tuple(items.shape)}")
+        _refuse_nan(items, "X", "items")
         self._items = items
-        if self._metric in ("euclidean", "l2"):
-            self._center = items.double().mean(0)
-            centered = items.double() - self._center
+        if self._metric in ("euclidean", "l2", "angular"):
+            points = _directions(items, zero_column=0) if self._metric == "angular" else items
+            self._points = points
+            self._center = points.double().mean(0)
+            centered = points.double() - self._center
             # [2q, -1] . [x, |x|^2] = 2 q.x - |x|^2, the ranking score, all relative to the mean
             self._augmented = torch.cat([centered, centered.pow(2).sum(1, keepdim=True)], 1)
 
@@ -446,23 +526,24 @@ class _ReferenceEngine:
         q = q.reshape(1, -1) if q.dim() == 1 else q
         if q.shape[1] != self._items.shape[1]:
             raise ValueError(f"query vectors have dim {q.shape[1]}, the index {self._items.shape[1]}")
+        _refuse_nan(q, "v", "query vectors")
         items, m = self._items, self._metric
         if m == "angular":
-            qn, xn = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(items, dim=1)
-            cos, rows = topk_search(qn, xn, n)
-            return rows, (2.0 - 2.0 * cos).clamp(min=0).sqrt()
+            rows, squared = self._nearest_euclidean(_directions(q, zero_column=1), n)
+            return rows, squared.sqrt()
         if m in ("euclidean", "l2"):
             rows, squared = self._nearest_euclidean(q, n)
             return rows, (squared.sqrt() if m == "euclidean" else squared)
         return tuple(reversed(topk_search(q, items, n)))  # type: ignore[return-value]
 
     def _nearest_euclidean(self, q: Tensor, n: int) -> tuple[Tensor, Tensor]:
-        """Rows of the ``n`` nearest items to each query ``(U, D)`` and their squared distances.
+        """Rows of the ``n`` points nearest to each query ``(U, D)`` and their squared distances.
 
-        Order: distance ascending, then row ascending.
+        The points are the items, or for ``"angular"`` their lifted directions (``q`` is then
+        lifted too). Order: distance ascending, then row ascending.
         """
-        assert self._items is not None and self._center is not None and self._augmented is not None
-        items = self._items
+        assert self._points is not None and self._center is not None and self._augmented is not None
+        items = self._points
         n_cand = min(items.shape[0], n + self._RERANK_MARGIN)
         q64 = q.double()
         q_c = q64 - self._center
@@ -484,6 +565,29 @@ class _ReferenceEngine:
         candidates, squared = candidates.gather(1, order), squared.gather(1, order)
         order = squared.sort(dim=1, stable=True).indices[:, :n]
         return candidates.gather(1, order), squared.gather(1, order)
+
+
+def _refuse_nan(x: Tensor, name: str, what: str) -> None:
+    """Raise a ``ValueError`` naming the first row of ``x`` ``(n, dim)`` that holds NaN."""
+    bad = x.isnan().any(1).nonzero().squeeze(1)
+    if bad.numel():
+        raise ValueError(f"{name} has NaN in {bad.numel()} of {x.shape[0]} {what}, the first at row {int(bad[0])}")
+
+
+def _directions(x: Tensor, zero_column: int) -> Tensor:
+    """Rows of ``x`` normalised in float64, with two more coordinates for zero rows.
+
+    A zero row becomes the unit vector of the extra coordinate ``zero_column`` (0 for items,
+    1 for queries), which is orthogonal to every other normalised row: its distance from any
+    row, including a zero row of the other kind, is ``sqrt(2)``, Annoy's distance for ``cos = 0``.
+    """
+    x = x.double()
+    norm = x.norm(dim=1, keepdim=True)
+    zero = norm == 0
+    out = torch.zeros(x.shape[0], x.shape[1] + 2, dtype=torch.float64)
+    out[:, : x.shape[1]] = torch.where(zero, x, x / torch.where(zero, torch.ones_like(norm), norm))
+    out[:, x.shape[1] + zero_column] = zero.squeeze(1).double()
+    return out
 
 
 class Annoy(_ReferenceEngine):

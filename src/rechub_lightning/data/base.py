@@ -404,6 +404,26 @@ def _warn_unlikely_categories(df: pd.DataFrame, sparse: Sequence[str]) -> None:
                 )
 
 
+def _warn_unlikely_dense(df: pd.DataFrame, dense: Sequence[str]) -> None:
+    """Inferred dense columns of whole numbers (nearly) unique per row: ids or epoch timestamps,
+    which a scaled dense feature turns into noise (prices and other measures are rarely unique
+    whole numbers)."""
+    n = len(df)
+    if n < 1000:
+        return
+    for c in dense:
+        s = df[c]
+        if not pd.api.types.is_integer_dtype(s.dtype):
+            continue
+        distinct = s.nunique(dropna=True)
+        if distinct > 0.5 * n:
+            rank_zero_warn(
+                f"column {c!r} was inferred as a dense feature with {distinct} distinct whole numbers in {n} training "
+                f"rows: ids and timestamps are not measures; pass ignore_columns=[{c!r}] (or derive features from it) "
+                f"unless it is meant as one"
+            )
+
+
 class TabularDataModule(L.LightningDataModule):
     """Base of :class:`CTRDataModule` and :class:`MTLDataModule`; see those for the arguments."""
 
@@ -747,6 +767,7 @@ class TabularDataModule(L.LightningDataModule):
                     f"pass ignore_columns={index_like} (or save with index=False) unless they are data"
                 )
             _warn_unlikely_categories(df, sparse)
+            _warn_unlikely_dense(df, [c for c in dense if c not in index_like])
             if dense and not sparse and not seq and len(df):
                 rank_zero_warn(
                     f"every feature column was inferred as dense ({dense[:10]}): categorical columns stored as numbers "

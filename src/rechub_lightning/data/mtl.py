@@ -201,6 +201,10 @@ class MTLDataModule(TabularDataModule):
             self.task_types = self._infer_task_types(frames.get("train"))
         return frames
 
+    def state_dict(self) -> dict[str, Any]:
+        # derived labels are part of what the labels mean: `rechub test --ckpt_path` restores them
+        return {**super().state_dict(), "derived_labels": {k: list(v) for k, v in self.derived_labels.items()}}
+
     def _label_columns_taken(self) -> set[str]:
         return set(self._label_sources)  # the labels and the columns derived labels come from
 

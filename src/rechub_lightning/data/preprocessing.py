@@ -374,8 +374,8 @@ def _pad_forms(pad: Any) -> set[Any]:
 
 def _split_sequence(values: pd.Series, sep: str, pad: Any = None, warned: set[Any] | None = None) -> list[list[Any]]:
     """One list of items per row: lists/arrays as they are, strings split on ``sep`` (or parsed when
-    they are written lists, ``"[3, 17, 5]"``), missing values empty, scalars one item. Items equal
-    to ``pad`` (as written: ``0`` and ``"0"`` alike) are dropped."""
+    they are written lists, ``"[3, 17, 5]"``; spaces around the items are dropped), missing values
+    empty, scalars one item. Items equal to ``pad`` (as written: ``0`` and ``"0"`` alike) are dropped."""
     out = []
     pads = None if pad is None else _pad_forms(pad)
     unsplit: str | None = None  # a string that looks joined by another separator
@@ -389,7 +389,9 @@ def _split_sequence(values: pd.Series, sep: str, pad: Any = None, warned: set[An
                     any_sep = True
                 elif unsplit is None and _JOINED.match(text):
                     unsplit = text
-                seq = [t for t in v.split(sep) if t != ""]
+                # "i1 | i2" and "i1, i2" mean items "i1" and "i2": the spaces around a separator
+                # are layout, and a kept " i2" would be another item than the target column's "i2"
+                seq = [t for t in (t.strip() for t in v.split(sep)) if t != ""]
         elif v is None or (isinstance(v, float) and np.isnan(v)):
             seq = []
         elif np.ndim(v) == 1:

@@ -115,6 +115,20 @@ def _add_compile_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: s
         state_dict[prefix + _COMPILED_PREFIX + key[len(plain):]] = state_dict.pop(key)
 
 
+def _copy_group_settings(source: torch.optim.Optimizer, target: torch.optim.Optimizer) -> None:
+    """Copy the per-group settings (``lr``, ``weight_decay``...) of an optimizer built earlier
+    for the same parameters into ``target``: the facades' ``trainer.optimizer`` before ``fit``,
+    whose ``param_groups[0]["lr"] = ...`` the reference's scripts set. Nothing when the groups
+    differ (another embedding mode chosen under the Trainer, say)."""
+    old, new = source.param_groups, target.param_groups
+    if len(old) != len(new) or any([id(p) for p in a["params"]] != [id(p) for p in b["params"]] for a, b in zip(old, new)):
+        return
+    for a, b in zip(old, new):
+        for key, value in a.items():
+            if key != "params" and key in b:
+                b[key] = value
+
+
 class RecModule(L.LightningModule):
     """Base LightningModule of rechub-lightning.
 
@@ -581,6 +595,9 @@ class RecModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = self.build_optimizer()
+        handed = self.__dict__.pop("_handed_optimizer", None)
+        if handed is not None:
+            _copy_group_settings(handed, optimizer)
         scheduler = self.build_scheduler(optimizer)
         if scheduler is None:
             return optimizer
