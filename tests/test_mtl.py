@@ -505,3 +505,29 @@ def test_training_throughput_is_logged(dm, method):
     trainer.fit(module, dm)
     assert module._epoch_clock[1] == 3 * dm.batch_size  # the rows of the three batches
     assert float(trainer.callback_metrics["train/rows_per_sec"]) > 0
+
+
+def test_a_monitor_naming_a_score_the_task_does_not_have_fails_before_training():
+    """configs/mtl/*.yaml watch val/task_0_auc; with task 0 a regression task (val/task_0_mse) the
+    run failed after its first epoch. Now before the first step, naming the metrics there are."""
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from rechub_lightning import MTLModule
+    from rechub_lightning.data import MTLDataModule
+    from rechub_lightning.models.multi_task import SharedBottom
+
+    rng = np.random.default_rng(0)
+    n = 300
+    df = pd.DataFrame({"u": [f"u{i}" for i in rng.integers(0, 20, n)], "dwell": rng.random(n) * 30,
+                       "click": rng.integers(0, 2, n)})
+    dm = MTLDataModule(data=df, labels=["dwell", "click"], batch_size=64)
+    module = MTLModule(SharedBottom(schema=dm.schema, task_types=["regression", "classification"],
+                                    bottom_params={"dims": [8]}, tower_params_list=[{"dims": [4]}] * 2))
+    trained = []
+    module.on_train_batch_start = lambda *a: trained.append(1)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[EarlyStopping(monitor="val/task_0_auc", mode="max")])
+    with pytest.raises(ValueError, match=r"monitors 'val/task_0_auc'.*regression task, scored as 'val/task_0_mse'"):
+        trainer.fit(module, dm)
+    assert not trained

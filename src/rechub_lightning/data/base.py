@@ -383,44 +383,30 @@ def _holds_lists(s: pd.Series) -> bool:
     return s.dtype == object and isinstance(_first_value(s), (list, tuple, np.ndarray))
 
 
-def _warn_unlikely_categories(df: pd.DataFrame, sparse: Sequence[str]) -> None:
-    """Inferred sparse columns that would make useless categories: timestamps, and values that are
-    (nearly) unique per row (request ids), whose every validation/test value is unknown."""
+def _warn_unlikely_features(df: pd.DataFrame, sparse: Sequence[str], dense: Sequence[str]) -> None:
+    """Inferred columns that would make useless features: timestamps and values (nearly) unique
+    per row (request ids, epoch seconds). As categories every validation/test value is unknown;
+    as whole-number measures they are noise once scaled (prices and other measures are rarely
+    unique whole numbers)."""
     n = len(df)
     for c in sparse:
-        s = df[c]
-        if pd.api.types.is_datetime64_any_dtype(s.dtype):
+        if pd.api.types.is_datetime64_any_dtype(df[c].dtype):
             rank_zero_warn(
                 f"column {c!r} holds dates/times and was inferred as a sparse feature (one category per distinct "
                 f"time); derive features from it (hour, weekday...) and pass ignore_columns=[{c!r}], or list the features"
             )
-        elif n >= 1000 and not _holds_lists(s):
-            distinct = s.nunique(dropna=True)
-            if distinct > 0.5 * n:
-                rank_zero_warn(
-                    f"column {c!r} was inferred as a sparse feature with {distinct} distinct values in {n} training rows: "
-                    f"an id unique per row gives unseen (unknown) categories at validation/prediction; pass "
-                    f"ignore_columns=[{c!r}] unless it is meant as a feature"
-                )
-
-
-def _warn_unlikely_dense(df: pd.DataFrame, dense: Sequence[str]) -> None:
-    """Inferred dense columns of whole numbers (nearly) unique per row: ids or epoch timestamps,
-    which a scaled dense feature turns into noise (prices and other measures are rarely unique
-    whole numbers)."""
-    n = len(df)
     if n < 1000:
         return
-    for c in dense:
-        s = df[c]
-        if not pd.api.types.is_integer_dtype(s.dtype):
-            continue
-        distinct = s.nunique(dropna=True)
+    suspects = [(c, "sparse", "an id unique per row gives unseen (unknown) categories at validation/prediction")
+                for c in sparse if not pd.api.types.is_datetime64_any_dtype(df[c].dtype) and not _holds_lists(df[c])]
+    suspects += [(c, "dense", "ids and timestamps are not measures") for c in dense if pd.api.types.is_integer_dtype(df[c].dtype)]
+    for c, kind, why in suspects:
+        distinct = df[c].nunique(dropna=True)
         if distinct > 0.5 * n:
+            values = "distinct values" if kind == "sparse" else "distinct whole numbers"
             rank_zero_warn(
-                f"column {c!r} was inferred as a dense feature with {distinct} distinct whole numbers in {n} training "
-                f"rows: ids and timestamps are not measures; pass ignore_columns=[{c!r}] (or derive features from it) "
-                f"unless it is meant as one"
+                f"column {c!r} was inferred as a {kind} feature with {distinct} {values} in {n} training rows: {why}; "
+                f"pass ignore_columns=[{c!r}] unless it is meant as a feature"
             )
 
 
@@ -766,8 +752,7 @@ class TabularDataModule(L.LightningDataModule):
                     f"column(s) {index_like} look like a DataFrame index saved with the CSV and are used as features; "
                     f"pass ignore_columns={index_like} (or save with index=False) unless they are data"
                 )
-            _warn_unlikely_categories(df, sparse)
-            _warn_unlikely_dense(df, [c for c in dense if c not in index_like])
+            _warn_unlikely_features(df, sparse, [c for c in dense if c not in index_like])
             if dense and not sparse and not seq and len(df):
                 rank_zero_warn(
                     f"every feature column was inferred as dense ({dense[:10]}): categorical columns stored as numbers "

@@ -433,6 +433,28 @@ class MTLModule(RecModule):
                 f"the datamodule's task_types {list(data_types)} (labels {getattr(dm, 'labels', '?')}) do not match "
                 f"the module's task_types {self.task_types}"
             )
+        self._check_monitors()
+
+    def _check_monitors(self) -> None:
+        """A callback watching ``val/task_<i>_<score>`` must name a score task ``i`` has: a config's
+        ``val/task_0_auc`` with a regression task 0 (scored as ``val/task_0_mse``) failed only
+        after the first epoch, in Lightning's "not available" error."""
+        import re
+
+        for cb in self.trainer.callbacks:
+            monitor = getattr(cb, "monitor", None)
+            m = re.fullmatch(r"val/task_(\d+)_(\w+)", monitor) if isinstance(monitor, str) else None
+            if m is None:
+                continue
+            task, score = int(m.group(1)), m.group(2)
+            names = [f"val/task_{i}_{n}" for i, n in enumerate(self.score_names)]
+            if task >= len(self.score_names) or self.score_names[task] != score:
+                what = (f"task {task} is a {self.task_types[task]} task, scored as {names[task]!r}" if task < len(names)
+                        else f"there are {len(names)} tasks")
+                raise ValueError(
+                    f"{type(cb).__name__} monitors {monitor!r}, but {what}; the validation metrics are {names} "
+                    f"(an MSE is minimised: mode='min')"
+                )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
