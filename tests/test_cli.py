@@ -292,3 +292,24 @@ def test_multi_task_predict_takes_the_task_types_of_the_checkpoint(tmp_path):
         expect = module.predictions(module._outputs(dm.dataset("predict").x)).numpy()
     assert np.abs(got["pred_dwell"].to_numpy() - expect[:, 1]).max() < 1e-5
     assert got["pred_dwell"].max() > 1.0 or expect[:, 1].max() <= 1.0  # a raw value, not a probability
+
+
+def test_ckpt_path_best_is_the_newest_runs_even_without_a_monitor(tmp_path):
+    """A newer run with Lightning's default ModelCheckpoint (no monitor): its checkpoint, not an
+    older run's monitored best (which may be another model)."""
+    import os
+    import time
+
+    from rechub_lightning.cli import _best_checkpoint_under
+
+    old = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    new = tmp_path / "lightning_logs" / "version_1" / "checkpoints"
+    old.mkdir(parents=True)
+    new.mkdir(parents=True)
+    old_best, new_last = old / "best-epoch03.ckpt", new / "epoch=0-step=5.ckpt"
+    torch.save({"callbacks": {"ModelCheckpoint{'monitor': 'val/auc'}": {"monitor": "val/auc", "best_model_path": str(old_best)}}},
+               old_best)
+    torch.save({"callbacks": {"ModelCheckpoint{'monitor': None}": {"monitor": None, "best_model_path": str(new_last)}}}, new_last)
+    later = time.time() + 5
+    os.utime(new_last, (later, later))
+    assert _best_checkpoint_under(str(tmp_path)) == str(new_last)

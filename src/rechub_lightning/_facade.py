@@ -265,9 +265,11 @@ class _FacadeBase:
         self._check_loader(train_dataloader, "train", "training")
         os.makedirs(self.model_path, exist_ok=True)
         module = self.module
-        if self._optimizer is not None:
-            # settings changed on trainer.optimizer before fit (the reference builds it in __init__)
-            module.__dict__["_handed_optimizer"] = self._optimizer
+        shown = self.trainer.optimizers[0] if self.trainer is not None and self.trainer.optimizers else self._optimizer
+        if shown is not None:
+            # settings changed on trainer.optimizer (what it returns now) carry into this fit, as
+            # with the reference's one optimizer built in __init__
+            module.__dict__["_handed_optimizer"] = shown
         cfg = self.trainer_config(module.monitor, module.monitor_mode, val_dataloader is not None)
         self.trainer = L.Trainer(**cfg)
         self.trainer.fit(module, train_dataloaders=train_dataloader, val_dataloaders=val_dataloader)
@@ -322,8 +324,9 @@ class _FacadeBase:
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         """The optimizer: the last ``fit``'s (Lightning's), else the one ``train_one_epoch`` steps
-        (built on first use, from ``optimizer_fn``/``optimizer_params``). Settings changed on it
-        before ``fit`` (``trainer.optimizer.param_groups[0]["lr"] = 0.01``) carry into ``fit``'s
+        (built on first use, from ``optimizer_fn``/``optimizer_params``). Its settings carry into
+        the next ``fit``'s optimizer (``trainer.optimizer.param_groups[0]["lr"] = 0.01`` before
+        ``fit``; after a ``fit``, also the rate its scheduler left), as with the reference's one
         optimizer. The attribute is read-only: the constructor's arguments choose the class."""
         if self.trainer is not None and self.trainer.optimizers:
             return self.trainer.optimizers[0]

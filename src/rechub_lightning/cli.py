@@ -18,6 +18,7 @@ import warnings
 from typing import Any, Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
@@ -272,24 +273,40 @@ class RecHubCLI(LightningCLI):
             log.info("\n".join(lines))
 
 
-def _best_checkpoint_under(root: str) -> str | None:
-    """The best checkpoint of the newest run under ``root``: the ``best_model_path`` that a
-    monitoring ModelCheckpoint recorded in the newest checkpoint holding one, else the newest
-    ``best*.ckpt``. Periodic checkpoints (no monitor) record their own last file: never chosen."""
-    from .checkpoint import read_checkpoint
+def _checkpoint_states(path: str) -> dict[str, dict[str, Any]]:
+    """The ModelCheckpoint states saved in a checkpoint (memory-mapped: large files cost little)."""
+    try:
+        states = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("callbacks") or {}
+    except Exception:  # noqa: BLE001 - not a readable checkpoint: it holds no state
+        return {}
+    return {str(k): v for k, v in states.items() if str(k).startswith("ModelCheckpoint") and isinstance(v, dict)}
 
+
+def _best_checkpoint_under(root: str) -> str | None:
+    """The best checkpoint of the newest run under ``root``.
+
+    The newest run is the ``version_N`` folder of the newest checkpoint that holds ModelCheckpoint
+    state (exported or weights-only copies hold none and are passed over). Within it, the
+    ``best_model_path`` a *monitoring* ModelCheckpoint recorded wins; a periodic or default one
+    (no monitor) records its latest file, taken when the run has no monitor. Without any such
+    state: the newest ``best*.ckpt``, else ``None``.
+    """
     found = sorted(glob.glob(os.path.join(root, "**", "*.ckpt"), recursive=True), key=os.path.getmtime, reverse=True)
-    for path in found:
-        try:
-            states = read_checkpoint(path).get("callbacks") or {}
-        except (ValueError, OSError):
+    for i, path in enumerate(found):
+        if not _checkpoint_states(path):
             continue
-        for key, state in states.items():
-            if not (str(key).startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("monitor")):
-                continue
-            best = state.get("best_model_path")
-            if best and os.path.exists(best):
-                return str(best)
+        folder = os.path.dirname(os.path.abspath(path))
+        run = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+        unmonitored: str | None = None
+        for other in [p for p in found[i:] if os.path.abspath(p).startswith(run + os.sep)]:
+            for state in _checkpoint_states(other).values():
+                best = state.get("best_model_path")
+                if not best or not os.path.exists(best):
+                    continue
+                if state.get("monitor"):
+                    return str(best)
+                unmonitored = unmonitored or str(best)
+        return unmonitored or path
     best_named = [p for p in found if os.path.basename(p).startswith("best")]
     return best_named[0] if best_named else None
 
