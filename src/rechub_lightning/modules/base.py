@@ -607,9 +607,17 @@ class RecModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # RNG states make a resumed run draw the same dropout masks / negatives as an
         # uninterrupted one.
-        checkpoint["rechub_rng"] = {"torch": torch.get_rng_state()}
+        state: dict[str, Any] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            checkpoint["rechub_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["rechub_rng"] = dict(state)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # every rank draws its own dropout masks: keep each rank's state (rank 0 writes the
+            # file). Lightning calls this hook on every rank of trainer.save_checkpoint, which
+            # is itself collective (it ends in a barrier).
+            per_rank: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_rank, state)
+            checkpoint["rechub_rng"]["per_rank"] = per_rank
         pending = self._pending_plateau_metric()
         if pending is not None:
             checkpoint["rechub_plateau_pending"] = pending
@@ -662,6 +670,9 @@ class RecModule(L.LightningModule):
         self._plateau_pending = checkpoint.get("rechub_plateau_pending")
         rng = checkpoint.get("rechub_rng")
         if rng and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            per_rank = rng.get("per_rank")
+            if per_rank and len(per_rank) == self.trainer.world_size:
+                rng = per_rank[self.trainer.global_rank]  # the same world: each rank its own state
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
