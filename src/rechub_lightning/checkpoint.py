@@ -12,13 +12,14 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 __all__ = ["AtomicCheckpointIO", "read_checkpoint"]
 
 
-def read_checkpoint(path: str) -> dict[str, Any]:
+def read_checkpoint(path: str, mmap: bool = False) -> dict[str, Any]:
     """A Lightning checkpoint's contents (``weights_only=True``, on the CPU), with an error naming
-    ``path`` when it is missing or is not a checkpoint (a CSV passed as ``--ckpt_path``, say)."""
+    ``path`` when it is missing or is not a checkpoint (a CSV passed as ``--ckpt_path``, say).
+    ``mmap=True`` maps the tensors instead of reading them (to look at a large file's metadata)."""
     if not os.path.exists(str(path)):
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError... for non-checkpoints
         first_line = (str(e).splitlines() or [""])[0][:120]
         raise ValueError(f"{str(path)!r} is not a readable PyTorch checkpoint ({type(e).__name__}: {first_line})") from e

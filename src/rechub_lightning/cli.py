@@ -18,7 +18,6 @@ import warnings
 from typing import Any, Optional
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
@@ -275,9 +274,11 @@ class RecHubCLI(LightningCLI):
 
 def _checkpoint_states(path: str) -> dict[str, dict[str, Any]]:
     """The ModelCheckpoint states saved in a checkpoint (memory-mapped: large files cost little)."""
+    from .checkpoint import read_checkpoint
+
     try:
-        states = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("callbacks") or {}
-    except Exception:  # noqa: BLE001 - not a readable checkpoint: it holds no state
+        states = read_checkpoint(path, mmap=True).get("callbacks") or {}
+    except (ValueError, OSError):  # not a readable checkpoint: it holds no state
         return {}
     return {str(k): v for k, v in states.items() if str(k).startswith("ModelCheckpoint") and isinstance(v, dict)}
 
@@ -343,15 +344,15 @@ def _keep_csv_history(logger: CSVLogger, ckpt: str) -> None:
     """
     import csv
 
-    import torch
-
     path = os.path.join(logger.log_dir, "metrics.csv")
     rows: list[dict[str, str]] = []
     header: list[str] = []
     if os.path.isfile(path):
+        from .checkpoint import read_checkpoint
+
         try:
-            step = int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
-        except Exception:  # noqa: BLE001 - an unreadable checkpoint fails later, with Lightning's message
+            step = int(read_checkpoint(ckpt, mmap=True).get("global_step", -1))
+        except (ValueError, OSError):  # an unreadable checkpoint fails later, with Lightning's message
             step = -1
         with open(path, newline="") as f:
             reader = csv.DictReader(f)

@@ -47,15 +47,14 @@ def _row_keys(batch_indices: Any, n: int) -> torch.Tensor | None:
     """
     if not isinstance(batch_indices, (list, tuple)):
         return None
-    keys: list[int] = []
+    keys: list[torch.Tensor] = []
     for loader, batches in enumerate(batch_indices):
         for batch in batches or ():
             if not isinstance(batch, (list, tuple)):
                 return None
-            keys.extend((loader << 40) | int(i) for i in batch)
-    if not keys or len(keys) != n:
-        return None
-    return torch.tensor(keys, dtype=torch.long)
+            keys.append(torch.as_tensor(batch, dtype=torch.long) + (loader << 40))
+    out = torch.cat(keys) if keys else None
+    return out if out is not None and len(out) == n else None
 
 
 def gather_predictions(predictions: Any, batch_indices: Any = None) -> torch.Tensor | None:
